@@ -1,0 +1,710 @@
+"""A training strategy as data: typed sections, read from TOML, overridable by dotted keys.
+
+A `Strategy` is a tree of small dataclasses, one per section (`[model]`, `[data]`,
+`[optimizer]`, `[lr]`, `[batch]`, `[train]`, `[parallel]`, `[checkpoint]`, `[observe]`).
+Every value is checked when the tree is built; a mistake raises `UserError` with one line that
+names the key, the value and what is allowed. `Strategy.to_toml()` writes the fully resolved
+tree, which every run directory keeps, so two runs can be diffed key by key.
+
+This module imports no torch: `regimen --help` and `--print-config` stay fast.
+
+Example:
+    >>> s = Strategy.load(None, ["optimizer.lr=3e-4", "train.steps=100"])
+    >>> s.optimizer.lr, s.train.steps
+    (0.0003, 100)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+from regimen.errors import UserError
+
+Unit = Literal["steps", "samples", "tokens"]
+
+# Optimizer families, for the default LR-scaling rule (sqrt for adaptive methods, linear for
+# SGD-like ones, following Malladi et al. 2022 and Goyal et al. 2017).
+SGD_FAMILY = frozenset({"gd", "sgd", "momentum", "nesterov", "lars", "schedulefree_sgd"})
+
+# Which optional [optimizer] keys each algorithm accepts (torch's argument names). Keys not
+# listed for an optimizer are rejected, so a typo or a key of another algorithm never passes
+# silently.
+OPTIMIZER_KEYS: dict[str, frozenset[str]] = {
+    "gd": frozenset(),
+    "sgd": frozenset({"momentum", "dampening", "nesterov"}),
+    "momentum": frozenset({"momentum", "dampening"}),
+    "nesterov": frozenset({"momentum"}),
+    "adagrad": frozenset({"eps", "lr_decay", "initial_accumulator_value"}),
+    "rmsprop": frozenset({"alpha", "eps", "momentum", "centered"}),
+    "adam": frozenset({"betas", "eps", "amsgrad"}),
+    "adamw": frozenset({"betas", "eps", "amsgrad"}),
+    "nadam": frozenset({"betas", "eps", "momentum_decay"}),
+    "radam": frozenset({"betas", "eps"}),
+    "adafactor": frozenset({"beta2_decay", "eps", "d"}),
+    "muon": frozenset({"momentum", "nesterov", "ns_steps", "adjust_lr_fn", "betas", "eps"}),
+    "lion": frozenset({"betas"}),
+    "lamb": frozenset({"betas", "eps"}),
+    "lars": frozenset({"momentum", "nesterov", "trust_coefficient", "eps"}),
+    "schedulefree_adamw": frozenset({"betas", "eps", "warmup_steps", "r", "weight_lr_power"}),
+    "schedulefree_sgd": frozenset({"momentum", "warmup_steps", "r", "weight_lr_power"}),
+}
+
+LR_SCHEDULES = (
+    "constant",
+    "linear",
+    "polynomial",
+    "exponential",
+    "step",
+    "multistep",
+    "cosine",
+    "wsd",
+    "inverse_sqrt",
+    "one_cycle",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections. Field order is the order of the written TOML. `None` means "derived" (resolved by
+# `Strategy.resolve`) or "the algorithm's own default".
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """`[model]`: `gpt`, `mlp`, or `package.module:factory` (called with `kwargs`)."""
+
+    name: str = "gpt"
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    context: int = 64
+    dropout: float = 0.0
+    hidden: list[int] = field(default_factory=lambda: [128])
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _positive("model", "n_layer", self.n_layer)
+        _positive("model", "n_head", self.n_head)
+        _positive("model", "d_model", self.d_model)
+        _positive("model", "context", self.context)
+        _in_range("model", "dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        if self.d_model % self.n_head:
+            _fail("model", "d_model", self.d_model, f"must be a multiple of model.n_head ({self.n_head})")
+        if self.name not in ("gpt", "mlp") and ":" not in self.name:
+            _fail("model", "name", self.name, "allowed: gpt, mlp, or package.module:factory")
+        for h in self.hidden:
+            if h <= 0:
+                _fail("model", "hidden", self.hidden, "every width must be > 0")
+
+
+@dataclass
+class DataConfig:
+    """`[data]`: `stdlib`, `text:PATH`, `tokens:PATH` (uint16 nanoGPT .bin) or `synthetic`."""
+
+    source: str = "stdlib"
+    val_fraction: float = 0.1
+    # The synthetic classification set (see regimen.data.synthetic_classification).
+    num_samples: int = 12000
+    num_features: int = 100
+    num_classes: int = 10
+
+    def validate(self) -> None:
+        _in_range("data", "val_fraction", self.val_fraction, 0.0, 1.0, lo_open=False, hi_open=True)
+        kind = self.source.split(":", 1)[0]
+        if kind not in ("stdlib", "synthetic", "text", "tokens", "python"):
+            _fail("data", "source", self.source, "allowed: stdlib, synthetic, text:PATH, tokens:PATH")
+        if kind in ("text", "tokens") and not self.source.split(":", 1)[1:]:
+            _fail("data", "source", self.source, f"give a path: {kind}:PATH")
+        _positive("data", "num_samples", self.num_samples)
+        _positive("data", "num_features", self.num_features)
+        if self.num_classes < 2:
+            _fail("data", "num_classes", self.num_classes, "must be >= 2")
+
+
+@dataclass
+class OptimizerConfig:
+    """`[optimizer]`: the algorithm, its peak LR, and its own torch-named hyperparameters."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    # Decay also biases, norms and embeddings (off by default: decaying them hurts).
+    decay_all: bool = False
+    # torch-named hyperparameters; None keeps the algorithm's default.
+    betas: list[float] | None = None
+    eps: float | None = None
+    momentum: float | None = None
+    dampening: float | None = None
+    nesterov: bool | None = None
+    alpha: float | None = None
+    centered: bool | None = None
+    amsgrad: bool | None = None
+    lr_decay: float | None = None
+    initial_accumulator_value: float | None = None
+    momentum_decay: float | None = None
+    beta2_decay: float | None = None
+    d: float | None = None
+    ns_steps: int | None = None
+    adjust_lr_fn: str | None = None
+    trust_coefficient: float | None = None
+    warmup_steps: int | None = None
+    r: float | None = None
+    weight_lr_power: float | None = None
+    # Implementation: "auto" picks the fastest the device supports (fused, then foreach).
+    implementation: Literal["auto", "fused", "foreach", "loop"] = "auto"
+
+    def validate(self) -> None:
+        if self.name not in OPTIMIZER_KEYS:
+            _fail("optimizer", "name", self.name, "allowed: " + ", ".join(OPTIMIZER_KEYS), options=OPTIMIZER_KEYS)
+        _positive("optimizer", "lr", self.lr)
+        if self.weight_decay < 0:
+            _fail("optimizer", "weight_decay", self.weight_decay, "must be >= 0")
+        allowed = OPTIMIZER_KEYS[self.name]
+        for key in self.algorithm_keys():
+            if getattr(self, key) is not None and key not in allowed:
+                what = ", ".join(sorted(allowed)) or "none"
+                _fail("optimizer", key, getattr(self, key), f"{self.name} has no such parameter (it takes: {what})")
+        if self.betas is not None and (len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas)):
+            _fail("optimizer", "betas", self.betas, "two numbers in [0, 1)")
+        if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
+            _fail("optimizer", "momentum", self.momentum, "must be in [0, 1)")
+        if self.eps is not None and self.eps < 0:
+            _fail("optimizer", "eps", self.eps, "must be >= 0")
+
+    def algorithm_keys(self) -> list[str]:
+        """The optional algorithm-specific keys (those that default to None)."""
+        fixed = {"name", "lr", "weight_decay", "decay_all", "implementation"}
+        return [f.name for f in dataclasses.fields(self) if f.name not in fixed]
+
+    def kwargs(self) -> dict[str, Any]:
+        """The algorithm-specific keys that are set, as torch keyword arguments."""
+        out = {k: getattr(self, k) for k in self.algorithm_keys() if getattr(self, k) is not None}
+        if "betas" in out:
+            out["betas"] = tuple(out["betas"])
+        return out
+
+
+@dataclass
+class LRConfig:
+    """`[lr]`: the learning-rate schedule, as a function of progress counted in `unit`.
+
+    The peak value is `optimizer.lr`. `warmup`, `period`, `milestones` and budgets of the
+    schedule are counted in `unit`, so a changing batch size never moves warmup or decay when
+    the unit is samples or tokens.
+    """
+
+    schedule: str = "cosine"
+    unit: Unit = "steps"
+    warmup: float = 0.0
+    min_lr: float = 0.0
+    power: float = 1.0
+    gamma: float = 0.1
+    period: float | None = None
+    milestones: list[float] = field(default_factory=list)
+    decay_fraction: float = 0.2
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "linear"
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    scale_with_batch: Literal["auto", "none", "linear", "sqrt"] = "auto"
+    reference_batch: int | None = None
+
+    def validate(self) -> None:
+        if self.schedule not in LR_SCHEDULES:
+            _fail("lr", "schedule", self.schedule, "allowed: " + ", ".join(LR_SCHEDULES), options=LR_SCHEDULES)
+        if self.warmup < 0:
+            _fail("lr", "warmup", self.warmup, "must be >= 0")
+        if self.min_lr < 0:
+            _fail("lr", "min_lr", self.min_lr, "must be >= 0")
+        _positive("lr", "power", self.power)
+        _in_range("lr", "gamma", self.gamma, 0.0, 1.0, lo_open=True, hi_open=False)
+        if self.period is not None:
+            _positive("lr", "period", self.period)
+        _in_range("lr", "decay_fraction", self.decay_fraction, 0.0, 1.0, lo_open=True, hi_open=False)
+        if list(self.milestones) != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
+            _fail("lr", "milestones", self.milestones, "positive and increasing")
+        if self.schedule == "multistep" and not self.milestones:
+            _fail("lr", "milestones", self.milestones, "multistep needs at least one milestone")
+        _positive("lr", "div_factor", self.div_factor)
+        _positive("lr", "final_div_factor", self.final_div_factor)
+        if self.reference_batch is not None:
+            _positive("lr", "reference_batch", self.reference_batch)
+
+
+@dataclass
+class BatchConfig:
+    """`[batch]`: the global batch size (in samples) as a schedule, and the micro-batch.
+
+    `size` is the global batch of `fixed`, the final size of `ramp` and the starting size of
+    `adaptive`. `micro` is the largest micro-batch one rank runs at once (gradient accumulation
+    covers the rest); None means the whole rank share in one go.
+    """
+
+    schedule: Literal["fixed", "full", "random", "ramp", "adaptive"] = "fixed"
+    size: int = 32
+    micro: int | None = None
+    # random: uniform over multiples of the rounding unit in [min, max], or `choices` / `probs`.
+    # adaptive: the clip range of the batch.
+    min: int | None = None
+    max: int | None = None
+    choices: list[int] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    # ramp: linear from `start` to `size` over `span` (counted in `unit`), or a stage table.
+    start: int | None = None
+    span: float | None = None
+    unit: Unit = "steps"
+    stages: list[dict[str, float]] = field(default_factory=list)
+    # adaptive: follow the measured critical batch size.
+    every: int = 50
+    max_growth: float = 2.0
+
+    def validate(self) -> None:
+        _positive("batch", "size", self.size)
+        if self.micro is not None:
+            _positive("batch", "micro", self.micro)
+            if self.schedule == "fixed" and self.micro > self.size:
+                _fail("batch", "micro", self.micro, f"must be <= batch.size ({self.size})")
+        for key in ("min", "max", "start"):
+            if getattr(self, key) is not None:
+                _positive("batch", key, getattr(self, key))
+        if self.min is not None and self.max is not None and self.min > self.max:
+            _fail("batch", "min", self.min, f"must be <= batch.max ({self.max})")
+        if self.schedule == "random":
+            if self.choices:
+                if any(c <= 0 for c in self.choices):
+                    _fail("batch", "choices", self.choices, "every size must be > 0")
+                if self.probs and len(self.probs) != len(self.choices):
+                    _fail("batch", "probs", self.probs, f"one probability per choice ({len(self.choices)})")
+                if self.probs and (any(p < 0 for p in self.probs) or not math.isclose(sum(self.probs), 1.0, rel_tol=1e-6)):
+                    _fail("batch", "probs", self.probs, "non-negative and summing to 1")
+            elif self.min is None or self.max is None:
+                _fail("batch", "schedule", "random", "needs batch.min and batch.max, or batch.choices")
+        if self.schedule == "ramp":
+            if self.stages:
+                last = 0.0
+                for i, stage in enumerate(self.stages):
+                    if set(stage) != {"until", "size"}:
+                        _fail("batch", f"stages[{i}]", stage, "each stage is {until = N, size = B}")
+                    if stage["until"] <= last or stage["size"] <= 0:
+                        _fail("batch", f"stages[{i}]", stage, "`until` increasing and > 0, `size` > 0")
+                    last = stage["until"]
+            elif self.start is None or self.span is None:
+                _fail("batch", "schedule", "ramp", "needs batch.start and batch.span, or batch.stages")
+            elif self.span <= 0:
+                _fail("batch", "span", self.span, "must be > 0")
+        _positive("batch", "every", self.every)
+        if self.max_growth < 1.0:
+            _fail("batch", "max_growth", self.max_growth, "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """`[train]`: the budget (exactly one of steps, samples, tokens, epochs) and the loop."""
+
+    steps: int | None = None
+    samples: int | None = None
+    tokens: int | None = None
+    epochs: float | None = None
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 20
+    log_every: int = 10
+    precision: Literal["fp32", "bf16"] = "fp32"
+    clip: float = 1.0
+    compile: bool = False
+    device: str = "auto"
+    # Non-finite loss or gradients: skip the step; after this many in a row, roll back.
+    max_skips_in_row: int = 3
+    lr_backoff: float = 0.5
+    max_rollbacks: int = 3
+
+    def validate(self) -> None:
+        set_budgets = [k for k in ("steps", "samples", "tokens", "epochs") if getattr(self, k) is not None]
+        if len(set_budgets) > 1:
+            _fail("train", set_budgets[1], getattr(self, set_budgets[1]), f"give one budget only (train.{set_budgets[0]} is set too)")
+        for key in set_budgets:
+            _positive("train", key, getattr(self, key))
+        _positive("train", "eval_every", self.eval_every)
+        _positive("train", "eval_batches", self.eval_batches)
+        _positive("train", "log_every", self.log_every)
+        if self.clip < 0:
+            _fail("train", "clip", self.clip, "must be >= 0 (0 disables clipping)")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
+            _fail("train", "device", self.device, "allowed: auto, cpu, cuda, cuda:N, mps")
+        _positive("train", "max_skips_in_row", self.max_skips_in_row)
+        _in_range("train", "lr_backoff", self.lr_backoff, 0.0, 1.0, lo_open=True, hi_open=False)
+        if self.max_rollbacks < 0:
+            _fail("train", "max_rollbacks", self.max_rollbacks, "must be >= 0")
+
+    def budget(self) -> tuple[str, float]:
+        """The budget as (unit, amount); steps = 1000 when none is given."""
+        for key in ("steps", "samples", "tokens", "epochs"):
+            if getattr(self, key) is not None:
+                return key, float(getattr(self, key))
+        return "steps", 1000.0
+
+
+@dataclass
+class ParallelConfig:
+    """`[parallel]`: how the model is spread over the ranks torchrun started."""
+
+    mode: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    # FSDP2 mixed precision: parameters cast to bf16 for compute, gradients reduced in fp32.
+    fsdp_bf16: bool = False
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class CheckpointConfig:
+    """`[checkpoint]`: cadence (steps and/or minutes; 0 = only at the end) and how many to keep."""
+
+    every: int = 0
+    every_minutes: float = 0.0
+    keep: int = 2
+
+    def validate(self) -> None:
+        if self.every < 0:
+            _fail("checkpoint", "every", self.every, "must be >= 0 (0 = only at the end)")
+        if self.every_minutes < 0:
+            _fail("checkpoint", "every_minutes", self.every_minutes, "must be >= 0")
+        _positive("checkpoint", "keep", self.keep)
+
+
+@dataclass
+class ObserveConfig:
+    """`[observe]`: what is measured and where it goes besides metrics.jsonl."""
+
+    noise_scale: bool = False
+    noise_ema: float = 0.95
+    tensorboard: bool = False
+    progress: Literal["auto", "bar", "lines", "none"] = "auto"
+    report: bool = True
+
+    def validate(self) -> None:
+        _in_range("observe", "noise_ema", self.noise_ema, 0.0, 1.0, lo_open=False, hi_open=True)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "lr": LRConfig,
+    "batch": BatchConfig,
+    "train": TrainConfig,
+    "parallel": ParallelConfig,
+    "checkpoint": CheckpointConfig,
+    "observe": ObserveConfig,
+}
+
+
+@dataclass
+class Strategy:
+    """The whole training strategy: optimizer x LR schedule x batch schedule x parallelism.
+
+    Example:
+        >>> s = Strategy.from_dict({"optimizer": {"name": "sgd", "lr": 0.1}})
+        >>> s.optimizer.name
+        'sgd'
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr: LRConfig = field(default_factory=LRConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    observe: ObserveConfig = field(default_factory=ObserveConfig)
+
+    # ---- construction ------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, tree: Mapping[str, Any], where: str = "") -> Strategy:
+        """Build and validate a strategy from a nested mapping (a parsed TOML file)."""
+        sections: dict[str, Any] = {}
+        for name, table in tree.items():
+            if name not in SECTIONS:
+                _unknown(where, name, SECTIONS, what="section")
+            if not isinstance(table, Mapping):
+                _fail(name, "", table, "must be a table of keys")
+            sections[name] = _build_section(name, SECTIONS[name], table)
+        strategy = cls(**sections)
+        strategy.validate()
+        return strategy
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Strategy:
+        """Read a TOML file (None = the built-in default) and apply `section.key=value` overrides."""
+        tree: dict[str, Any] = {}
+        if path is not None:
+            tree = read_toml(path)
+        for item in overrides:
+            apply_override(tree, item)
+        return cls.from_dict(tree)
+
+    def replace(self, overrides: Mapping[str, Any]) -> Strategy:
+        """A copy with dotted keys set, e.g. `{"optimizer.lr": 0.1}`; validated."""
+        tree = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(tree, key, value)
+        return Strategy.from_dict(tree)
+
+    def validate(self) -> None:
+        """Check each section, then the combinations no single section can judge."""
+        for name in SECTIONS:
+            getattr(self, name).validate()
+        if self.optimizer.name == "gd" and self.batch.schedule != "full":
+            _fail(
+                "batch",
+                "schedule",
+                self.batch.schedule,
+                "optimizer gd is full-batch gradient descent: use batch.schedule = 'full' (or optimizer sgd)",
+            )
+        unit, amount = self.train.budget()
+        if unit == self.lr.unit and self.lr.warmup >= amount and self.lr.warmup > 0:
+            _fail("lr", "warmup", self.lr.warmup, f"must be shorter than the budget (train.{unit} = {amount:g})")
+        if self.model.name == "mlp" and self.data.source not in ("synthetic", "python"):
+            _fail("model", "name", "mlp", f"the MLP classifies feature vectors: use data.source = 'synthetic', not {self.data.source!r}")
+        if self.model.name == "gpt" and self.data.source == "synthetic":
+            _fail("model", "name", "gpt", "the GPT needs a token source (stdlib, text:PATH, tokens:PATH), not 'synthetic'")
+
+    # ---- derived values ----------------------------------------------------------------
+
+    def resolve(self) -> Strategy:
+        """Fill every derived value (None / "auto") so that the saved strategy is explicit."""
+        s = copy_strategy(self)
+        if s.lr.scale_with_batch == "auto":
+            s.lr.scale_with_batch = "linear" if s.optimizer.name in SGD_FAMILY else "sqrt"
+        if s.lr.reference_batch is None:
+            s.lr.reference_batch = s.batch.size
+        if s.train.budget()[0] == "steps" and s.train.steps is None:
+            s.train.steps = int(s.train.budget()[1])
+        return s
+
+    # ---- serialisation -----------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A nested plain-data mapping (None values dropped: TOML has no null)."""
+        return {name: _drop_none(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
+
+    def to_toml(self) -> str:
+        """The strategy as TOML text, one table per section."""
+        return dumps_toml(self.to_dict())
+
+    def save(self, path: str | Path) -> None:
+        """Write `to_toml()` to `path`."""
+        Path(path).write_text(self.to_toml())
+
+    def flat(self) -> dict[str, Any]:
+        """`{"section.key": value}` for every key (for diffs between runs)."""
+        return {f"{s}.{k}": v for s, table in self.to_dict().items() for k, v in table.items()}
+
+
+def copy_strategy(s: Strategy) -> Strategy:
+    """A deep copy (the sections are small)."""
+    import copy
+
+    return copy.deepcopy(s)
+
+
+# --------------------------------------------------------------------------------------------
+# TOML reading, overrides and writing
+# --------------------------------------------------------------------------------------------
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file; a missing or malformed file is a `UserError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {str(p)!r} does not exist")
+    try:
+        return tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override's value as a TOML value, falling back to a bare string.
+
+    >>> parse_value("3e-4"), parse_value("[0.9, 0.95]"), parse_value("adam")
+    (0.0003, [0.9, 0.95], 'adam')
+    """
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(tree: dict[str, Any], item: str) -> None:
+    """Apply one `section.key=value` override to a nested mapping, in place."""
+    if "=" not in item:
+        raise UserError(f"override {item!r}: expected section.key=value")
+    key, _, text = item.partition("=")
+    _set_dotted(tree, key.strip(), parse_value(text.strip()))
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise UserError(f"override key {key!r}: expected section.key, e.g. optimizer.lr")
+    section, name = parts
+    if section not in SECTIONS:
+        _unknown("", section, SECTIONS, what="section")
+    table = tree.setdefault(section, {})
+    table[name] = value
+
+
+def dumps_toml(tree: Mapping[str, Mapping[str, Any]]) -> str:
+    """Write a two-level tree (sections of scalars, lists, inline tables) as TOML."""
+    lines: list[str] = []
+    for section, table in tree.items():
+        lines.append(f"[{section}]")
+        for key, value in table.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if math.isnan(v):
+            return "nan"
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _drop_none(table: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in table.items() if v is not None}
+
+
+# --------------------------------------------------------------------------------------------
+# Typed section building and the one-line errors
+# --------------------------------------------------------------------------------------------
+
+
+def _build_section(section: str, cls: type, table: Mapping[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, raw in table.items():
+        if key not in hints:
+            _unknown(section, key, names)
+        values[key] = _coerce(section, key, raw, hints[key])
+    return cls(**values)
+
+
+def _coerce(section: str, key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`, converting int -> float where harmless."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        if isinstance(value, str) and value.lower() == "none" and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(section, key, value, option)
+            except UserError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            _fail(section, key, value, "allowed: " + ", ".join(map(str, allowed)), options=[str(a) for a in allowed])
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(section, key, value, "expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(section, key, value, "expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(section, key, value, "expected a number")
+        if not math.isfinite(value):
+            _fail(section, key, value, "expected a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(section, key, value, "expected a string")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            _fail(section, key, value, "expected a list, e.g. [1, 2]")
+        (item_tp,) = get_args(tp)
+        return [_coerce(section, key, v, item_tp) for v in value]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            _fail(section, key, value, "expected a table, e.g. {a = 1}")
+        _, item_tp = get_args(tp)
+        if item_tp is Any:
+            return dict(value)
+        return {k: _coerce(section, key, v, item_tp) for k, v in value.items()}
+    if tp is Any:
+        return value
+    raise AssertionError(f"unsupported annotation {tp!r} for {section}.{key}")
+
+
+def _fmt(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _fail(section: str, key: str, value: Any, allowed: str, options: Any = None) -> typing.NoReturn:
+    where = f"{section}.{key}" if key else section
+    hint = ""
+    if options is not None and isinstance(value, str):
+        close = difflib.get_close_matches(value, list(options), n=1)
+        if close:
+            hint = f" (did you mean {close[0]!r}?)"
+    raise UserError(f"{where} = {_fmt(value)}: {allowed}{hint}")
+
+
+def _unknown(section: str, key: str, known: Any, what: str = "key") -> typing.NoReturn:
+    known = list(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    where = f"{section}.{key}" if section else key
+    raise UserError(f"unknown {what} {where!r}{hint} (known: {', '.join(known)})")
+
+
+def _positive(section: str, key: str, value: float) -> None:
+    if value <= 0:
+        _fail(section, key, value, "must be > 0")
+
+
+def _in_range(section: str, key: str, value: float, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+    ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        _fail(section, key, value, f"must be in {left}{lo:g}, {hi:g}{right}")
