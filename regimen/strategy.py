@@ -315,7 +315,9 @@ class TrainConfig:
     epochs: float | None = None
     seed: int = 0
     eval_every: int = 100
-    eval_batches: int = 20
+    # Validation reads the same fixed samples for every strategy (whatever its batch size),
+    # so val losses compare across runs; 0 = the whole validation set.
+    eval_samples: int = 512
     log_every: int = 10
     precision: Literal["fp32", "bf16"] = "fp32"
     clip: float = 1.0
@@ -333,7 +335,8 @@ class TrainConfig:
         for key in set_budgets:
             _positive("train", key, getattr(self, key))
         _positive("train", "eval_every", self.eval_every)
-        _positive("train", "eval_batches", self.eval_batches)
+        if self.eval_samples < 0:
+            _fail("train", "eval_samples", self.eval_samples, "must be >= 0 (0 = the whole validation set)")
         _positive("train", "log_every", self.log_every)
         if self.clip < 0:
             _fail("train", "clip", self.clip, "must be >= 0 (0 disables clipping)")
@@ -677,6 +680,8 @@ def _coerce(section: str, key: str, value: Any, tp: Any) -> Any:
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
     return repr(value) if isinstance(value, str) else str(value)
 
 

@@ -1,0 +1,7 @@
+"""`python -m regimen ...` is the same program as `regimen ...`."""
+
+import sys
+
+from regimen.cli import main
+
+sys.exit(main())

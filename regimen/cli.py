@@ -1,0 +1,136 @@
+"""The command line: `regimen train / compare / lr-find / report`.
+
+Nothing here imports torch at module level, so `regimen --help` answers at once; each
+subcommand imports what it needs when it runs. A `UserError` anywhere becomes one line on
+stderr and exit code 2, never a traceback.
+
+Example:
+    $ regimen train                                   # the built-in default task
+    $ regimen train examples/mlp.toml optimizer.lr=3e-3 --print-config
+    $ regimen train --nproc 2 parallel.mode=fsdp      # torchrun, 2 processes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from regimen.errors import UserError
+
+
+def _add_strategy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="a strategy TOML file (default: the built-in task)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any strategy key, e.g. optimizer.lr=3e-4")
+
+
+def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """argparse cannot tell `CONFIG` from a first override; a value with '=' is an override."""
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith(".toml"):
+        return None, [config, *overrides]
+    return config, overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="regimen", description="Train neural networks with an explicit strategy: optimizer x LR schedule x batch-size schedule x parallelism.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="run one strategy", description="Run one strategy (with no CONFIG: the built-in byte-level GPT on Python's standard library).")
+    _add_strategy_args(train)
+    train.add_argument("--run-dir", help="where to write the run (default: runs/<time>)")
+    train.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint of the run directory, or from PATH")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.add_argument("--nproc", type=int, default=None, help="start N processes with torchrun on this machine")
+    train.add_argument("--max-restarts", type=int, default=0, help="with --nproc: restart the workers this many times after a failure (elastic)")
+    train.add_argument("--print-config", action="store_true", help="print the fully resolved strategy and exit")
+
+    report = sub.add_parser("report", help="make the HTML report of runs", description="Make the HTML report (plots and a table) of one or more run directories.")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", help="where to write report.html (default: the run directory, or ./report)")
+    report.add_argument("--target-loss", type=float, help="the loss for the time-to-target column")
+    return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `regimen` command; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    commands = _subparsers(parser)
+    if not argv or argv[0] not in commands:
+        parser.parse_args(argv)  # prints help or the "invalid choice" error and exits
+    # Options may come after the overrides (`regimen train x.y=1 --run-dir D`): intermixed.
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "report":
+            from regimen import report
+
+            return report.main([*args.run_dirs, *(["--out", args.out] if args.out else []), *(["--target-loss", str(args.target_loss)] if args.target_loss else [])])
+        raise AssertionError(args.command)
+    except UserError as e:
+        print(f"regimen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("regimen: interrupted", file=sys.stderr)
+        return 130
+
+
+def _default_run_dir() -> Path:
+    return Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+
+
+def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """Refuse to clobber an existing run: it needs --resume or --overwrite."""
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if exists and not (resume or overwrite):
+        raise UserError(f"run directory {str(run_dir)!r} exists; pass --resume auto to continue it or --overwrite to replace it")
+    if exists and overwrite and not resume:
+        shutil.rmtree(run_dir)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from regimen.strategy import Strategy
+
+    config, overrides = _split_config(args)
+    strategy = Strategy.load(config, overrides)
+    if args.print_config:
+        print(strategy.resolve().to_toml(), end="")
+        return 0
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc = {args.nproc}: must be >= 1")
+    if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        prepare_run_dir(run_dir, args.resume, args.overwrite)
+        return launch_torchrun(args, config, overrides, run_dir)
+    if int(os.environ.get("RANK", "0")) == 0 and "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        prepare_run_dir(run_dir, args.resume, args.overwrite)
+    from regimen.runner import run_training
+
+    return run_training(strategy, run_dir, resume=args.resume)
+
+
+def launch_torchrun(args: argparse.Namespace, config: str | None, overrides: list[str], run_dir: Path) -> int:
+    """Start `torchrun --standalone --nproc-per-node N -m regimen train ...` and wait for it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}", f"--max-restarts={args.max_restarts}"]
+    cmd += ["-m", "regimen", "train", *([config] if config else []), *overrides, "--run-dir", str(run_dir)]
+    if args.resume:
+        cmd += ["--resume", args.resume]
+    elif args.max_restarts:
+        cmd += ["--resume", "auto"]  # restarted workers continue from the last checkpoint
+    return subprocess.call(cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Optimizers by name, built on `torch.optim` wherever torch ships the algorithm.
+
+`build_optimizer(model, cfg)` turns the `[optimizer]` section into a `torch.optim.Optimizer`
+with regimen's parameter groups (no weight decay on biases, norms and embeddings; Muon on the
+hidden matrices and AdamW on the rest). Each group remembers its peak LR as `initial_lr`; the
+trainer sets `group["lr"] = initial_lr * factor` every step, so the schedule is a function of
+progress and never of how often something was stepped.
+
+Implementation: on CPU torch defaults to a per-tensor loop (foreach is used on CUDA only);
+`implementation = "auto"` asks for the fused kernel where torch has one (SGD, Adagrad, Adam,
+AdamW, on CPU and CUDA) and for foreach elsewhere. `benchmarks/optimizer_step.py` measures the
+gain.
+
+Example:
+    >>> from torch import nn
+    >>> from regimen.strategy import OptimizerConfig
+    >>> opt = build_optimizer(nn.Linear(3, 1), OptimizerConfig(name="sgd", lr=0.1))
+    >>> type(opt).__name__, opt.param_groups[0]["lr"]
+    ('SGD', 0.1)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from regimen.optim.groups import decay_groups, muon_split, split_decay
+from regimen.strategy import OptimizerConfig
+
+# name -> (constructor, keyword arguments the name implies)
+_TORCH: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]]] = {
+    "gd": (torch.optim.SGD, {}),
+    "sgd": (torch.optim.SGD, {}),
+    "momentum": (torch.optim.SGD, {"momentum": 0.9}),
+    "nesterov": (torch.optim.SGD, {"momentum": 0.9, "nesterov": True}),
+    "adagrad": (torch.optim.Adagrad, {}),
+    "rmsprop": (torch.optim.RMSprop, {}),
+    "adam": (torch.optim.Adam, {}),
+    "adamw": (torch.optim.AdamW, {}),
+    "nadam": (torch.optim.NAdam, {}),
+    "radam": (torch.optim.RAdam, {}),
+    "adafactor": (torch.optim.Adafactor, {}),
+}
+_FUSED = frozenset({"gd", "sgd", "momentum", "nesterov", "adagrad", "adam", "adamw"})
+_FOREACH = frozenset({"gd", "sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "nadam", "radam", "adafactor"})
+
+
+def _own(name: str) -> Callable[..., torch.optim.Optimizer]:
+    # Imported lazily: each lives in its own module with its reference implementation.
+    if name == "lion":
+        from regimen.optim.lion import Lion
+
+        return Lion
+    if name == "lamb":
+        from regimen.optim.lamb import LAMB
+
+        return LAMB
+    if name == "lars":
+        from regimen.optim.lars import LARS
+
+        return LARS
+    if name == "schedulefree_adamw":
+        from regimen.optim.schedulefree import ScheduleFreeAdamW
+
+        return ScheduleFreeAdamW
+    if name == "schedulefree_sgd":
+        from regimen.optim.schedulefree import ScheduleFreeSGD
+
+        return ScheduleFreeSGD
+    raise AssertionError(f"no optimizer {name!r}")
+
+
+OWN = ("lion", "lamb", "lars", "schedulefree_adamw", "schedulefree_sgd")
+NAMES = (*_TORCH, "muon", *OWN)
+
+
+def _implementation(name: str, choice: str, params: list[torch.Tensor]) -> dict[str, Any]:
+    if choice == "loop":
+        return {"foreach": False} if name in _FOREACH else {}
+    fused_ok = name in _FUSED and all(p.device.type in ("cpu", "cuda") for p in params)
+    if choice in ("auto", "fused") and fused_ok:
+        return {"fused": True}
+    if choice in ("auto", "foreach", "fused") and name in _FOREACH:
+        return {"foreach": True}
+    return {}
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimizer `cfg.name` names, over the model's parameters in regimen's groups."""
+    if cfg.name == "muon":
+        return _build_muon(model, cfg)
+    kwargs = cfg.kwargs()
+    if cfg.name == "adafactor" and "eps" in kwargs:
+        kwargs["eps"] = (None, kwargs["eps"])  # torch's Adafactor takes (eps1, eps2)
+    if cfg.name in _TORCH:
+        ctor, implied = _TORCH[cfg.name]
+        kwargs = {**implied, **kwargs}
+    else:
+        ctor = _own(cfg.name)
+    groups = decay_groups(model, cfg.weight_decay, cfg.decay_all)
+    params = [p for g in groups for p in g["params"]]
+    if cfg.name in _TORCH:
+        kwargs.update(_implementation(cfg.name, cfg.implementation, params))
+    optimizer = ctor(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+    _remember_peak(optimizer)
+    return optimizer
+
+
+def _build_muon(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    hidden, rest = muon_split(model)
+    kwargs = cfg.kwargs()
+    adam_keys = {k: kwargs.pop(k) for k in ("betas", "eps") if k in kwargs}
+    # torch.optim.Muon rejects eps of AdamW's meaning; keep the two key sets apart.
+    muon = torch.optim.Muon(split_decay(hidden, model, cfg.weight_decay, cfg.decay_all), lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+    adamw_groups = split_decay(rest, model, cfg.weight_decay, cfg.decay_all)
+    impl = _implementation("adamw", cfg.implementation, rest)
+    adamw = torch.optim.AdamW(adamw_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **adam_keys, **impl) if adamw_groups else None
+    combined = CombinedOptimizer([o for o in (muon, adamw) if o is not None])
+    _remember_peak(combined)
+    return combined
+
+
+def _remember_peak(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several optimizers over disjoint parameters, stepped as one (Muon + AdamW).
+
+    `param_groups` is the concatenation of the inner optimizers' groups (the same dicts), so
+    setting a group's `lr` reaches the optimizer that owns it.
+
+    Example:
+        >>> a = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+        >>> b = torch.optim.Adam([nn.Parameter(torch.zeros(2))], lr=0.01)
+        >>> len(CombinedOptimizer([a, b]).param_groups)
+        2
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+        # Deliberately not calling Optimizer.__init__: the groups and state belong to the
+        # inner optimizers; these attributes are views over them.
+        self.defaults: dict[str, Any] = {}
+        self._optimizer_step_pre_hooks: dict = {}
+        self._optimizer_step_post_hooks: dict = {}
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property  # type: ignore[override]
+    def state(self) -> dict:
+        return {k: v for o in self.optimizers for k, v in o.state.items()}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for o in self.optimizers:
+            o.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {str(i): o.state_dict() for i, o in enumerate(self.optimizers)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        for i, o in enumerate(self.optimizers):
+            o.load_state_dict(state_dict[str(i)])
+
+    def __repr__(self) -> str:
+        return "CombinedOptimizer(" + ", ".join(type(o).__name__ for o in self.optimizers) + ")"
+
+
+def set_train_mode(optimizer: torch.optim.Optimizer, train: bool) -> None:
+    """Switch optimizers that have a train/eval mode (schedule-free) to the given mode."""
+    inner = optimizer.optimizers if isinstance(optimizer, CombinedOptimizer) else [optimizer]
+    for o in inner:
+        method = getattr(o, "train" if train else "eval", None)
+        if callable(method):
+            method()
+
+
+__all__ = ["NAMES", "CombinedOptimizer", "build_optimizer", "set_train_mode"]

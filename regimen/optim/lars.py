@@ -1,0 +1,136 @@
+"""LARS: momentum SGD with a layer-wise trust ratio (You et al. 2017, "Large Batch Training of Convolutional Networks").
+
+    local_lr = trust_coefficient * ||theta|| / (||g|| + wd*||theta|| + eps)   (1 when a norm is 0)
+    v        = momentum*v + local_lr * (g + wd*theta)
+    theta   -= lr * v                                   (nesterov: lr * (local_lr*(g + wd*theta) + momentum*v))
+
+Biases and normalisation weights (1-D tensors) are excluded from the adaptation *and* from
+weight decay (local_lr = 1, wd = 0: plain momentum SGD for them), as in the paper's ResNet
+recipe and every well-known implementation since. Each param group can say otherwise with
+`lars_exclude`:
+
+- `None` (default): exclude tensors with `ndim <= 1`;
+- `False`: adapt and decay every tensor of the group;
+- `True`: exclude every tensor of the group (plain momentum SGD).
+
+The reference version is `regimen.optim.reference.LARSReference`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+
+def lars_excluded(p: torch.Tensor, lars_exclude: bool | None) -> bool:
+    """Whether `p` skips the trust ratio and the weight decay under a group's `lars_exclude`."""
+    return p.ndim <= 1 if lars_exclude is None else bool(lars_exclude)
+
+
+class LARS(Optimizer):
+    """LARS with momentum (optionally Nesterov); a foreach step per (device, dtype).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = LARS(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+        eps: float = 1e-8,
+        nesterov: bool = False,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"LARS: lr = {lr}: must be >= 0")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"LARS: momentum = {momentum}: must be in [0, 1)")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"LARS: weight_decay = {weight_decay}: must be >= 0")
+        if not trust_coefficient > 0.0:
+            raise ValueError(f"LARS: trust_coefficient = {trust_coefficient}: must be > 0 (the paper uses 0.001)")
+        if not eps >= 0.0:
+            raise ValueError(f"LARS: eps = {eps}: must be >= 0")
+        if nesterov and momentum == 0.0:
+            raise ValueError("LARS: nesterov = True needs momentum > 0")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "trust_coefficient": trust_coefficient,
+            "eps": eps,
+            "nesterov": nesterov,
+            "lars_exclude": None,
+        }
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One LARS update of every parameter that has a gradient; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            # Two lists per group: adapted tensors and excluded ones (biases, norms by default).
+            adapted: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] = ([], [], [])
+            excluded: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] = ([], [], [])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LARS does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                lists = excluded if lars_excluded(p, group["lars_exclude"]) else adapted
+                lists[0].append(p)
+                lists[1].append(p.grad)
+                lists[2].append(state["momentum_buffer"])
+
+            for lists, adapt in ((adapted, True), (excluded, False)):
+                if not lists[0]:
+                    continue
+                grouped = Optimizer._group_tensors_by_device_and_dtype(list(lists))
+                for (p_list, g_list, v_list), _ in grouped.values():
+                    _lars_update(p_list, g_list, v_list, group, adapt)
+        return loss
+
+
+def _lars_update(
+    p_list: list[torch.Tensor], g_list: list[torch.Tensor], v_list: list[torch.Tensor], group: dict[str, Any], adapt: bool
+) -> None:
+    """The update of one (device, dtype) bucket; `adapt=False` is plain momentum SGD."""
+    lr, momentum, nesterov = group["lr"], group["momentum"], group["nesterov"]
+    # scaled = local_lr * (g + wd*theta), a fresh list so the gradients are left untouched;
+    # for excluded tensors (local_lr = 1, wd = 0) it is the gradient itself, no copy.
+    scaled = g_list
+    if adapt:
+        wd = group["weight_decay"]
+        # The trust ratios stay on the device (no host sync); torch.where applies "1 when a norm is 0".
+        p_norm = torch.stack(torch._foreach_norm(p_list))
+        g_norm = torch.stack(torch._foreach_norm(g_list))
+        trust = group["trust_coefficient"] * p_norm / (g_norm + wd * p_norm + group["eps"])
+        local_lr = list(torch.where((p_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust)).unbind(0))
+        if wd != 0.0:
+            scaled = torch._foreach_add(g_list, p_list, alpha=wd)
+            torch._foreach_mul_(scaled, local_lr)
+        else:
+            scaled = torch._foreach_mul(g_list, local_lr)
+    torch._foreach_mul_(v_list, momentum)
+    torch._foreach_add_(v_list, scaled)
+    if nesterov:
+        # Nesterov as torch.optim.SGD: step along scaled + momentum * v.
+        torch._foreach_add_(p_list, torch._foreach_add(scaled, v_list, alpha=momentum), alpha=-lr)
+    else:
+        torch._foreach_add_(p_list, v_list, alpha=-lr)

@@ -1,0 +1,82 @@
+"""Lion: the sign of an interpolated momentum (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
+
+    c     = b1*m + (1-b1)*g
+    theta = theta * (1 - lr*wd) - lr * sign(c)      (decoupled weight decay, as AdamW)
+    m     = b2*m + (1-b2)*g
+
+One state tensor per parameter (the momentum `exp_avg`), half of Adam's. Every update
+coordinate is +-lr, so Lion wants an lr 3-10x smaller than AdamW's and a weight decay
+3-10x larger to keep lr*wd the same. The reference version is `regimen.optim.reference.LionReference`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+
+class Lion(Optimizer):
+    """Lion with decoupled weight decay; a foreach step per (device, dtype).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = Lion(model.parameters(), lr=1e-4, weight_decay=0.1)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"Lion: lr = {lr}: must be >= 0")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Lion: betas = {betas}: expected two numbers in [0, 1), e.g. (0.9, 0.99)")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Lion: weight_decay = {weight_decay}: must be >= 0")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One Lion update of every parameter that has a gradient; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params, grads, exp_avgs = [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Lion does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+            if not params:
+                continue
+
+            lr, wd = group["lr"], group["weight_decay"]
+            beta1, beta2 = group["betas"]
+            grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs])
+            for (p_list, g_list, m_list), _ in grouped.values():
+                # c = b1*m + (1-b1)*g is lerp(m, g, 1-b1); only its sign is used.
+                update = torch._foreach_lerp(m_list, g_list, 1.0 - beta1)
+                torch._foreach_sign_(update)
+                if wd != 0.0:
+                    torch._foreach_mul_(p_list, 1.0 - lr * wd)
+                torch._foreach_add_(p_list, update, alpha=-lr)
+                # The momentum is updated *after* the step, with the slower beta2.
+                torch._foreach_lerp_(m_list, g_list, 1.0 - beta2)
+        return loss

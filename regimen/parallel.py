@@ -1,0 +1,135 @@
+"""Parallelism on torch.distributed: the process group from torchrun, DDP and FSDP2 wrapping.
+
+All distributed code lives here and is explicit: `Dist` is a plain value passed to whoever
+needs it (no singleton); whether gradients are synchronised on a micro-step is decided by the
+caller through `grad_sync(model, enabled)`.
+
+- torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT; `Dist.from_env()` joins the
+  group (gloo on CPU, nccl on CUDA) with a bounded timeout so a lost rank never hangs the job.
+- `mode = "ddp"`: DistributedDataParallel (gradients all-reduced and averaged over ranks).
+- `mode = "fsdp"`: FSDP2, `fully_shard` on each transformer block, then on the root; with
+  `fsdp_bf16` a mixed-precision policy computes in bf16 and reduces gradients in fp32.
+
+Example:
+    >>> d = Dist()
+    >>> d.world_size, d.is_main
+    (1, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from regimen.errors import UserError
+
+# A rank that stops answering fails the job after this long instead of hanging it.
+TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("REGIMEN_DIST_TIMEOUT", "300")))
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job: rank, world size, local rank."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls, device_type: str) -> Dist:
+        """Join the process group torchrun describes in the environment (or stay single)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():
+            backend = "nccl" if device_type == "cuda" else "gloo"
+            if device_type == "cuda":
+                torch.cuda.set_device(local)
+            dist.init_process_group(backend=backend, timeout=TIMEOUT)
+        return cls(rank, world, local)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over ranks in place (a no-op for one process)."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_mode(mode: str, d: Dist) -> str:
+    """`auto` means none for one process, ddp otherwise."""
+    if mode == "auto":
+        return "ddp" if d.enabled else "none"
+    if mode in ("ddp", "fsdp") and not d.enabled:
+        return "none"  # one process: nothing to distribute (same maths, no wrapper)
+    return mode
+
+
+def wrap(model: nn.Module, mode: str, d: Dist, device: torch.device, fsdp_bf16: bool = False) -> nn.Module:
+    """The model wrapped for `mode` (the unwrapped model for `none`)."""
+    if mode == "none":
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+    if mode == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if fsdp_bf16 else MixedPrecisionPolicy()
+        blocks = getattr(model, "blocks", None)
+        if blocks is None:
+            raise UserError("parallel.mode = 'fsdp': the model has no `blocks` to shard; use ddp, or give the model a `blocks` ModuleList")
+        for block in blocks:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
+    raise AssertionError(f"unknown parallel mode {mode!r}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP or torch.compile wrapper."""
+    inner = getattr(model, "_orig_mod", model)
+    return getattr(inner, "module", inner)
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Synchronise gradients in this backward only when `enabled` (the last micro-step)."""
+    inner = getattr(model, "_orig_mod", model)
+    if hasattr(inner, "no_sync") and not enabled:  # DDP
+        with inner.no_sync():
+            yield
+        return
+    if hasattr(inner, "set_requires_gradient_sync"):  # FSDP2
+        inner.set_requires_gradient_sync(enabled)
+    yield
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered to a plain tensor (FSDP2 returns DTensor norms and parameters)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

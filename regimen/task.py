@@ -1,0 +1,132 @@
+"""A task: a model, its data, and how a batch becomes a loss (and metrics).
+
+The trainer knows nothing about models or data formats; it asks the task for the loss of a
+micro-batch. A batch is a tuple `(inputs..., target)` (the loss function compares the model's
+output with the target), or a mapping passed as keyword arguments, Hugging Face style, whose
+output carries `.loss` (or `["loss"]`).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> task = Task(nn.Linear(3, 2), None, loss=resolve_loss("cross_entropy"))
+    >>> loss, _, _ = task.forward((torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)))
+    >>> round(float(loss), 4)
+    0.6931
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from regimen.data import TaskData, load_source
+from regimen.errors import UserError
+from regimen.models import build_model
+from regimen.strategy import Strategy
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# A metric returns (sum over the batch, count) so that it averages exactly over any split.
+MetricFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]
+
+
+def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every position; logits (..., C) against integer targets (...)."""
+    return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
+
+
+def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error, with the output squeezed to the target's shape."""
+    return F.mse_loss(output.float().reshape(target.shape), target.float())
+
+
+def accuracy(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Correct argmax predictions (positions with target -100 are ignored)."""
+    mask = target != -100
+    return ((output.argmax(-1) == target) & mask).sum(), int(mask.sum())
+
+
+LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy, "mse": mse}
+METRICS: dict[str, MetricFn] = {"accuracy": accuracy}
+
+
+def resolve_loss(loss: str | LossFn | None) -> LossFn | None:
+    """A loss function from a name or a callable (None: the model's output has `.loss`)."""
+    if loss is None or callable(loss):
+        return loss
+    if loss not in LOSSES:
+        raise UserError(f"loss = {loss!r}: allowed: {', '.join(LOSSES)}, or a callable (output, target) -> loss")
+    return LOSSES[loss]
+
+
+def resolve_metrics(metrics: list[str | MetricFn] | None) -> dict[str, MetricFn]:
+    """Named metric functions; a callable is named after its `__name__`."""
+    out: dict[str, MetricFn] = {}
+    for m in metrics or []:
+        if callable(m):
+            out[getattr(m, "__name__", "metric")] = m
+        elif m in METRICS:
+            out[m] = METRICS[m]
+        else:
+            raise UserError(f"metrics: unknown metric {m!r}; allowed: {', '.join(METRICS)}, or a callable (output, target) -> (sum, count)")
+    return out
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise UserError(f"the model returned a {type(out).__name__}; with a loss function it must return a tensor or an object with .logits")
+
+
+@dataclass
+class Task:
+    """A model, its data, the loss and the metrics."""
+
+    model: nn.Module
+    data: TaskData | None
+    loss: LossFn | None = None
+    metrics: dict[str, MetricFn] = field(default_factory=dict)
+
+    def forward(self, batch: Any, model: nn.Module | None = None) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+        """(mean loss over the batch, model output, target) for one batch."""
+        model = model or self.model
+        if isinstance(batch, Mapping):
+            out = model(**batch)
+            target = batch.get("labels")
+        elif len(batch) == 1:
+            out, target = model(batch[0]), None
+        else:
+            out, target = model(*batch[:-1]), batch[-1]
+        if self.loss is None or target is None:
+            if hasattr(out, "loss") and out.loss is not None:
+                return out.loss, out, target
+            if isinstance(out, Mapping) and "loss" in out:
+                return out["loss"], out, target
+            raise UserError("the model's output has no .loss; pass loss='cross_entropy', 'mse' or a callable, and batches of (inputs, target)")
+        return self.loss(_logits(out), target), out, target
+
+    def measure(self, out: Any, target: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, int]]:
+        """Every metric's (sum, count) on one batch."""
+        if target is None or not self.metrics:
+            return {}
+        logits = _logits(out)
+        return {name: fn(logits, target) for name, fn in self.metrics.items()}
+
+
+def build_task(strategy: Strategy) -> Task:
+    """The built-in task a strategy describes: its model on its data source."""
+    data = load_source(strategy.data, strategy.model.context)
+    torch.manual_seed(strategy.train.seed)  # the model's initial weights follow the seed
+    model = build_model(strategy.model, vocab_size=data.vocab_size, num_features=data.num_features, num_classes=data.num_classes)
+    metrics = ["accuracy"] if strategy.model.name == "mlp" else []
+    return Task(model, data, loss=cross_entropy, metrics=resolve_metrics(metrics))

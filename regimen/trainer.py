@@ -1,0 +1,377 @@
+"""The fit loop: one step, top to bottom, readable in one sitting.
+
+```
+B      = batch_schedule(progress)            # global batch, in samples
+lr     = lr_schedule(progress) * scale(B)    # scaling rule vs the reference batch
+split B over world_size ranks, then into micro-batches of at most `micro` on each rank
+for each micro-batch: loss * (b_i / B) * world_size -> backward (no gradient sync but the last)
+(noise-scale statistics from the micro-batch and global gradient norms, where enabled)
+clip -> optimizer.step() -> zero_grad
+progress += (1 step, B samples, B*T tokens); log / eval / checkpoint on their cadence
+```
+
+The gradient is the mean over the global batch however it is split: DDP averages over ranks,
+so each rank's micro-batch loss is weighted by `b_i / B * world_size`.
+
+Host synchronisation: one per step. The loss, a non-finite flag and the small-batch gradient
+norm travel in one all-reduced vector that is read on the host, because a non-finite step
+must be skipped on every rank together (DESIGN, "Bad input and faults"). On a CPU that read is
+free; on CUDA it is one sync at the end of the backward pass.
+
+Example:
+    >>> from regimen.strategy import Strategy
+    >>> s = Strategy.load(None, ["model.name=mlp", "data.source=synthetic", "train.steps=3", "observe.progress=none"])
+    >>> result = Trainer(s, build_task(s.resolve())).fit()
+    >>> result.progress.step
+    3
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from regimen import parallel
+from regimen.data import SampleOrder, micro_sizes, split_evenly
+from regimen.noise import ConsecutiveGradients, NoiseScaleEstimator, grad_sqnorm
+from regimen.observe import MetricsWriter, ProgressDisplay, TensorBoardLogger
+from regimen.optim import build_optimizer, set_train_mode
+from regimen.progress import Progress
+from regimen.schedules import budget_reached, build_batch_schedule, build_lr_schedule, lr_batch_scale, simulate_budget
+from regimen.strategy import Strategy
+from regimen.task import Task, build_task
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class RunResult:
+    """What `Trainer.fit` returns: the final progress, the last metrics and the summary."""
+
+    progress: Progress
+    summary: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    run_dir: Path | None = None
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto`: the CUDA device of this rank when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak device memory (CUDA) or peak resident set size of the process (CPU), in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Trainer:
+    """Runs one strategy on one task, optionally recording into a run directory.
+
+    `callbacks` receive every logged row (the dicts written to `metrics.jsonl`).
+    """
+
+    def __init__(self, strategy: Strategy, task: Task, run_dir: str | Path | None = None, callbacks: list[Callback] | None = None) -> None:
+        self.strategy = s = strategy.resolve()
+        self.task = task
+        self.callbacks = callbacks or []
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.device = pick_device(s.train.device, int(__import__("os").environ.get("LOCAL_RANK", "0")))
+        self.dist = parallel.Dist.from_env(self.device.type)
+        self.is_main = self.dist.is_main
+        assert task.data is not None, "the trainer needs the task's data"
+        self.data = task.data
+        self.model = task.model.to(self.device)
+        self.mode = parallel.resolve_mode(s.parallel.mode, self.dist)
+        self.wrapped = parallel.wrap(self.model, self.mode, self.dist, self.device, s.parallel.fsdp_bf16)
+        if s.train.compile:
+            self.wrapped = torch.compile(self.wrapped)
+        self.optimizer = build_optimizer(self.model, s.optimizer)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.order = SampleOrder(len(self.data.train), s.train.seed)
+        # Every batch size is a multiple of micro x world, so each rank's share splits evenly.
+        # (`full` rounds only to the world size: it should drop as few samples as it can.)
+        self.multiple = self.dist.world_size * (1 if s.batch.schedule == "full" else (s.batch.micro or 1))
+        self.batch_schedule = build_batch_schedule(s.batch, seed=s.train.seed, multiple=self.multiple, dataset_size=len(self.data.train))
+        self.budget_unit, self.budget = s.train.budget()
+        if self.budget_unit == "epochs":
+            self.budget_unit, self.budget = "samples", self.budget * len(self.data.train)
+        total = self.budget
+        if s.lr.unit != self.budget_unit:
+            total = simulate_budget(self.batch_schedule, self.budget_unit, self.budget, s.lr.unit, self.data.tokens_per_sample)
+        self.lr_schedule = build_lr_schedule(s.lr, s.optimizer.lr, total)
+        self.noise = NoiseScaleEstimator(s.observe.noise_ema) if self._measure_noise else None
+        self.consecutive = ConsecutiveGradients() if self.noise is not None else None
+        self.autocast_dtype = torch.bfloat16 if s.train.precision == "bf16" else None
+        # Training state (everything a checkpoint must hold besides model and optimizer).
+        self.progress = Progress()
+        self.elapsed = 0.0
+        self.lr_factor = 1.0  # lowered by rollbacks after non-finite steps
+        self.skips_in_row = 0
+        self.events: list[dict[str, Any]] = []  # skips and rollbacks, for the summary
+        torch.manual_seed(s.train.seed + 1000 * self.dist.rank)  # dropout differs per rank
+        self.eval_ids = self._eval_positions()
+
+    @property
+    def _measure_noise(self) -> bool:
+        return self.strategy.observe.noise_scale or self.strategy.batch.schedule == "adaptive"
+
+    def _eval_positions(self) -> np.ndarray:
+        val = self.data.val
+        if val is None:
+            return np.empty(0, dtype=np.int64)
+        n = len(val) if self.strategy.train.eval_samples == 0 else min(self.strategy.train.eval_samples, len(val))
+        n -= n % self.dist.world_size  # equal shares: every rank runs the same forwards
+        # A fixed subset (seed 0, not the training seed): every strategy validates on the same samples.
+        return SampleOrder(len(val), seed=0).take(0, n)
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def current_lr(self, batch: int) -> float:
+        """The LR of the next step: schedule(progress) x batch-size scaling x rollback factor."""
+        s = self.strategy
+        scale = lr_batch_scale(s.lr.scale_with_batch, batch, s.lr.reference_batch or batch)
+        return self.lr_schedule(self.progress.value(s.lr.unit)) * scale * self.lr_factor
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step on the next global batch; returns its loss, lr, batch and norms."""
+        s, d = self.strategy, self.dist
+        B = self.batch_schedule(self.progress)
+        lr = self.current_lr(B)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr / s.optimizer.lr
+        ids = self.order.take(self.progress.samples, B)
+        share = B // d.world_size
+        mine = ids[d.rank * share : (d.rank + 1) * share]
+        sizes = micro_sizes(share, s.batch.micro)
+        # The small batch of the noise-scale estimate: the first micro-batch, else this rank's
+        # share (all-reduced by hand below), else the previous step (single process, one micro).
+        noise_small = self.noise is not None and (len(sizes) > 1 or d.enabled)
+        manual_reduce = noise_small and len(sizes) == 1 and self.mode == "ddp"
+        loss_sum = torch.zeros((), device=self.device)
+        small_sq = torch.zeros((), device=self.device)
+        start = 0
+        for i, b in enumerate(sizes):
+            batch = _to_device(self.data.train.gather(mine[start : start + b]), self.device)
+            start += b
+            last = i == len(sizes) - 1
+            with parallel.grad_sync(self.wrapped, last and not manual_reduce), self._autocast():
+                loss, _, _ = self.task.forward(batch, self.wrapped)
+            (loss * (b / B * d.world_size)).backward()
+            loss_sum += loss.detach().float() * b
+            if noise_small and i == 0:
+                # grads now hold (b W / B) x the micro-batch mean gradient.
+                small_sq = grad_sqnorm(self.params) * (B / (b * d.world_size)) ** 2
+        if manual_reduce:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            for g in grads:
+                d.all_reduce_sum(g)
+            torch._foreach_div_(grads, d.world_size)
+        # The consecutive-steps pair is taken before clipping: clipping would bias both norms.
+        pair = self.consecutive.pair(self.params, B) if self.consecutive is not None and not noise_small else None
+        max_norm = s.train.clip if s.train.clip > 0 else math.inf
+        grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True))
+        bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float()
+        stats = d.all_reduce_sum(torch.stack([loss_sum, bad, small_sq]).float())
+        loss_value, n_bad, small_value = stats.tolist()  # the step's one host sync
+        if n_bad > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.consecutive is not None:
+                self.consecutive.reset()  # no pair may straddle a skipped step
+            return {"skipped": True, "loss": loss_value / B, "lr": lr, "batch_size": B}
+        norm_value = float(grad_norm)
+        if self.noise is not None:
+            if noise_small:
+                self.noise.update(small_value / d.world_size, sizes[0] if len(sizes) > 1 else share, norm_value**2, B)
+            elif pair is not None:
+                self.noise.update(*pair)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"skipped": False, "loss": loss_value / B, "lr": lr, "batch_size": B, "grad_norm": norm_value}
+
+    def _autocast(self) -> Any:
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ---- evaluation ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss (and metrics) over the fixed validation samples, all ranks."""
+        if len(self.eval_ids) == 0 or self.data.val is None:
+            return {}
+        d = self.dist
+        # FSDP2 must run the sharded module (its hooks gather parameters); DDP's module is
+        # identical on every rank and needs no collective in forward.
+        model = self.wrapped if self.mode == "fsdp" else parallel.unwrap(self.wrapped)
+        was_training = model.training
+        model.eval()
+        set_train_mode(self.optimizer, False)
+        shares = split_evenly(len(self.eval_ids), d.world_size)
+        lo = sum(shares[: d.rank])
+        mine = self.eval_ids[lo : lo + shares[d.rank]]
+        chunk = self.strategy.batch.micro or 64
+        names = list(self.task.metrics)
+        totals = torch.zeros(1 + 2 * len(names), dtype=torch.float64, device=self.device)
+        for start in range(0, len(mine), chunk):
+            ids = mine[start : start + chunk]
+            batch = _to_device(self.data.val.gather(ids), self.device)
+            with self._autocast():
+                loss, out, target = self.task.forward(batch, model)
+            totals[0] += loss.double() * len(ids)
+            for j, (value, count) in enumerate(self.task.measure(out, target).values()):
+                totals[1 + 2 * j] += float(value)
+                totals[2 + 2 * j] += count
+        d.all_reduce_sum(totals)
+        model.train(was_training)
+        set_train_mode(self.optimizer, True)
+        values = totals.tolist()
+        result = {"val_loss": values[0] / len(self.eval_ids)}
+        for j, name in enumerate(names):
+            result[f"val_{name}"] = values[1 + 2 * j] / max(values[2 + 2 * j], 1)
+        return result
+
+    # ---- the outer loop ------------------------------------------------------------------
+
+    def fit(self) -> RunResult:
+        """Train until the budget is spent; log, evaluate and record on their cadence."""
+        s = self.strategy
+        writer = tb = None
+        if self.is_main and self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            s.save(self.run_dir / "strategy.toml")
+            writer = MetricsWriter(self.run_dir / "metrics.jsonl")
+            writer.truncate_after(self.progress.step)
+            if s.observe.tensorboard:
+                tb = TensorBoardLogger(self.run_dir / "tensorboard")
+        mode = s.observe.progress if self.is_main else "none"
+        display = ProgressDisplay(self.budget, self.budget_unit, mode, initial=self.progress.value(self.budget_unit))
+        history: list[dict[str, Any]] = []
+        window: list[float] = []
+        last_log_time, last_log_tokens = time.perf_counter(), self.progress.tokens
+        t0 = time.perf_counter() - self.elapsed
+        self.wrapped.train()
+        set_train_mode(self.optimizer, True)
+        while not budget_reached(self.progress, self.budget_unit, self.budget):
+            out = self.train_step()
+            if out["skipped"]:
+                self._on_nonfinite(out, display)
+                continue
+            self.skips_in_row = 0
+            self.progress = self.progress.advanced(out["batch_size"], self.data.tokens_per_sample)
+            window.append(out["loss"])
+            self.batch_schedule.observe(self.progress, self.noise.noise_scale if self.noise else None)
+            done = budget_reached(self.progress, self.budget_unit, self.budget)
+            step = self.progress.step
+            evaluate = step % s.train.eval_every == 0 or done
+            if step % s.train.log_every == 0 or evaluate:
+                now = time.perf_counter()
+                row = self._row(out, window, now - t0, (self.progress.tokens - last_log_tokens) / max(now - last_log_time, 1e-9))
+                window, last_log_time, last_log_tokens = [], now, self.progress.tokens
+                if evaluate:
+                    row.update(self.evaluate())
+                    last_log_time = time.perf_counter()  # evaluation time is not training throughput
+                history.append(row)
+                if writer:
+                    writer.write(row)
+                if tb:
+                    tb.write(row)
+                for callback in self.callbacks:
+                    callback(row)
+                display.update(self.progress.value(self.budget_unit), row)
+                if evaluate and "val_loss" in row:
+                    display.message(self._eval_line(row))
+        self.elapsed = time.perf_counter() - t0
+        display.close()
+        summary = self._summary(history)
+        if writer:
+            writer.close()
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if tb:
+            tb.close()
+        return RunResult(self.progress, summary, history, self.run_dir)
+
+    def _row(self, out: dict[str, Any], window: list[float], elapsed: float, tokens_per_s: float) -> dict[str, Any]:
+        row = {
+            "step": self.progress.step,
+            "samples": self.progress.samples,
+            "tokens": self.progress.tokens,
+            "loss": sum(window) / len(window),
+            "lr": out["lr"],
+            "batch_size": out["batch_size"],
+            "time": round(elapsed, 4),
+            "tokens_per_s": tokens_per_s,
+            "grad_norm": out["grad_norm"],
+            "world_size": self.dist.world_size,
+            "peak_memory_mb": round(peak_memory_mb(self.device), 1),
+        }
+        if self.noise is not None and self.noise.noise_scale is not None:
+            row["noise_scale"] = self.noise.noise_scale
+        return row
+
+    def _eval_line(self, row: dict[str, Any]) -> str:
+        extras = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_"))
+        return f"step {row['step']:>6}  eval: {extras}"
+
+    def _on_nonfinite(self, out: dict[str, Any], display: ProgressDisplay) -> None:
+        self.skips_in_row += 1
+        self.progress = self.progress.advanced(out["batch_size"], self.data.tokens_per_sample)
+        self.events.append({"event": "skip", "step": self.progress.step, "loss": out["loss"]})
+        display.message(f"step {self.progress.step}: non-finite loss or gradients, step skipped ({self.skips_in_row} in a row)")
+        if self.skips_in_row >= self.strategy.train.max_skips_in_row:
+            from regimen.errors import UserError
+
+            raise UserError(
+                f"training diverged: {self.skips_in_row} non-finite steps in a row at step {self.progress.step}; "
+                "lower optimizer.lr, enable train.clip, or checkpoint so the run can roll back"
+            )
+
+    def _summary(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        last = history[-1] if history else {}
+        vals = [r["val_loss"] for r in history if r.get("val_loss") is not None]
+        return {
+            "status": "finished",
+            "steps": self.progress.step,
+            "samples": self.progress.samples,
+            "tokens": self.progress.tokens,
+            "final_loss": last.get("loss"),
+            "final_val_loss": vals[-1] if vals else None,
+            "best_val_loss": min(vals) if vals else None,
+            **{k: v for k, v in last.items() if k.startswith("val_") and k != "val_loss"},
+            "unigram_entropy": self.data.unigram_entropy,
+            "wall_time": self.elapsed,
+            "tokens_per_s": self.progress.tokens / max(self.elapsed, 1e-9),
+            "peak_memory_mb": last.get("peak_memory_mb"),
+            "world_size": self.dist.world_size,
+            "events": self.events,
+        }
+
+
+def train(strategy: Strategy, run_dir: str | Path | None = None) -> RunResult:
+    """Train the built-in task a strategy describes (what `regimen train` runs)."""
+    return Trainer(strategy, build_task(strategy.resolve()), run_dir).fit()
