@@ -37,19 +37,34 @@ def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="regimen", description="Train neural networks with an explicit strategy: optimizer x LR schedule x batch-size schedule x parallelism.")
+    parser = argparse.ArgumentParser(
+        prog="regimen",
+        description="Train neural networks with an explicit strategy: optimizer x LR schedule x batch-size schedule x parallelism.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="run one strategy", description="Run one strategy (with no CONFIG: the built-in byte-level GPT on Python's standard library).")
+    train = sub.add_parser(
+        "train",
+        help="run one strategy",
+        description="Run one strategy (with no CONFIG: the built-in byte-level GPT on Python's standard library).",
+    )
     _add_strategy_args(train)
     train.add_argument("--run-dir", help="where to write the run (default: runs/<time>)")
-    train.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint of the run directory, or from PATH")
+    train.add_argument(
+        "--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint of the run directory, or from PATH"
+    )
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     train.add_argument("--nproc", type=int, default=None, help="start N processes with torchrun on this machine")
-    train.add_argument("--max-restarts", type=int, default=0, help="with --nproc: restart the workers this many times after a failure (elastic)")
+    train.add_argument(
+        "--max-restarts", type=int, default=0, help="with --nproc: restart the workers this many times after a failure (elastic)"
+    )
     train.add_argument("--print-config", action="store_true", help="print the fully resolved strategy and exit")
 
-    report = sub.add_parser("report", help="make the HTML report of runs", description="Make the HTML report (plots and a table) of one or more run directories.")
+    report = sub.add_parser(
+        "report",
+        help="make the HTML report of runs",
+        description="Make the HTML report (plots and a table) of one or more run directories.",
+    )
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="where to write report.html (default: the run directory, or ./report)")
     report.add_argument("--target-loss", type=float, help="the loss for the time-to-target column")
@@ -77,7 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from regimen import report
 
-            return report.main([*args.run_dirs, *(["--out", args.out] if args.out else []), *(["--target-loss", str(args.target_loss)] if args.target_loss else [])])
+            return report.main(
+                [
+                    *args.run_dirs,
+                    *(["--out", args.out] if args.out else []),
+                    *(["--target-loss", str(args.target_loss)] if args.target_loss else []),
+                ]
+            )
         raise AssertionError(args.command)
     except UserError as e:
         print(f"regimen: error: {e}", file=sys.stderr)
@@ -123,7 +144,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def launch_torchrun(args: argparse.Namespace, config: str | None, overrides: list[str], run_dir: Path) -> int:
     """Start `torchrun --standalone --nproc-per-node N -m regimen train ...` and wait for it."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}", f"--max-restarts={args.max_restarts}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+        f"--max-restarts={args.max_restarts}",
+    ]
     cmd += ["-m", "regimen", "train", *([config] if config else []), *overrides, "--run-dir", str(run_dir)]
     if args.resume:
         cmd += ["--resume", args.resume]

@@ -213,7 +213,9 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def synthetic_classification(num_samples: int, num_features: int, num_classes: int, seed: int = SYNTHETIC_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_classification(
+    num_samples: int, num_features: int, num_classes: int, seed: int = SYNTHETIC_SEED
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded Gaussian-mixture classification set: 2 clusters per class, overlapping a little.
 
     Each class owns two cluster centres drawn from N(0, I) and scaled to norm 4; a sample is
@@ -305,7 +307,9 @@ def load_source(cfg: DataConfig, context: int) -> TaskData:
     _check_length(cfg.source, len(train), context, "training set")
     val_windows = TokenWindows(val, context) if len(val) >= context + 1 else None
     entropy = unigram_entropy(train, 256) if vocab == 256 else None
-    return TaskData(TokenWindows(train, context), val_windows, tokens_per_sample=context, vocab_size=vocab, unigram_entropy=entropy, description=desc)
+    return TaskData(
+        TokenWindows(train, context), val_windows, tokens_per_sample=context, vocab_size=vocab, unigram_entropy=entropy, description=desc
+    )
 
 
 def split_evenly(total: int, parts: int) -> list[int]:

@@ -142,9 +142,8 @@ class ConsecutiveGradients:
     adds about B |dG|^2 / 2 to the tr(S) estimate, so B_noise reads high when the learning rate
     is large. Measure g_t before clipping.
 
-    State: the kept gradient is deliberately not checkpointed (it is as large as the model).
-    After a resume the pairing restarts: the first step yields no pair. That is deterministic
-    and cheap, but it means the estimator misses one update compared with an uninterrupted run.
+    State: `state_dict()` holds the kept gradient (as large as the model); the trainer saves it
+    in checkpoints so that a resumed run pairs, and adapts its batch, exactly as before.
     Call `reset` after a skipped (non-finite) step or a rollback so no pair straddles it.
 
     Example:
@@ -163,6 +162,20 @@ class ConsecutiveGradients:
         self._prev: list[torch.Tensor] | None = None
         self._prev_sqnorm: torch.Tensor | None = None
         self._prev_batch = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The kept gradient (as large as the model), so that a resume pairs exactly as before."""
+        if self._prev is None:
+            return {}
+        return {"prev": list(self._prev), "prev_sqnorm": self._prev_sqnorm, "prev_batch": self._prev_batch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            self.reset()
+            return
+        self._prev = [t.clone() for t in state["prev"]]
+        self._prev_sqnorm = state["prev_sqnorm"].clone()
+        self._prev_batch = float(state["prev_batch"])
 
     def reset(self) -> None:
         """Forget the kept gradient; the next `pair` starts a new pairing (and returns None)."""
@@ -252,10 +265,12 @@ class NoiseScaleEstimator:
         """A float, or a float64 tensor on the device the averages now live on (moved there once)."""
         if not isinstance(x, torch.Tensor):
             return float(x)
-        if x.device != self._grad_sqnorm_avg.device:
-            self._grad_sqnorm_avg = self._grad_sqnorm_avg.to(x.device)
-            self._trace_cov_avg = self._trace_cov_avg.to(x.device)
-        return x.detach().to(torch.float64)
+        # MPS has no float64: there the averages live on the CPU (a sync per update; untested).
+        device = torch.device("cpu") if x.device.type == "mps" else x.device
+        if device != self._grad_sqnorm_avg.device:
+            self._grad_sqnorm_avg = self._grad_sqnorm_avg.to(device)
+            self._trace_cov_avg = self._trace_cov_avg.to(device)
+        return x.detach().to(device).to(torch.float64)
 
     def _correction(self) -> float:
         return 1.0 - self.ema**self._count

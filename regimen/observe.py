@@ -90,7 +90,14 @@ class ProgressDisplay:
         if mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit=unit[:-1] if unit.endswith("s") else unit, file=self.stream, dynamic_ncols=True, leave=True)
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                unit=unit[:-1] if unit.endswith("s") else unit,
+                file=self.stream,
+                dynamic_ncols=True,
+                leave=True,
+            )
 
     def update(self, done: float, info: dict[str, Any]) -> None:
         text = f"loss {info['loss']:.4f}  lr {info['lr']:.2e}  bs {info['batch_size']}  {_fmt_rate(info.get('tokens_per_s', 0.0))} tok/s"

@@ -548,16 +548,29 @@ def _scale_y(ax: Any, values: Sequence[float], log: bool) -> None:
         ax.set_ylim(bottom=0, top=max(values) * 1.08 or 1.0)
 
 
+def _legend_grid(labels: Sequence[str], width_in: float) -> tuple[int, int]:
+    """(columns, rows) of a legend below a figure `width_in` wide."""
+    if not labels:
+        return 1, 0
+    # As many columns as the longest label allows (DejaVu Sans at 9 pt: about 5.3 pt a
+    # character, plus the line sample and the gap).
+    per = max(len(label) for label in labels) * 5.3 + 45
+    ncols = max(1, min(len(labels), int(width_in * 72 // per)))
+    return ncols, -(-len(labels) // ncols)
+
+
+def _height(plot_in: float, labels: Sequence[str], width_in: float) -> float:
+    """Figure height: the plot area plus one line per legend row, so many runs never squash it."""
+    return plot_in + 0.2 * _legend_grid(labels, width_in)[1]
+
+
 def _legend(fig: Any, handles: list[Any], labels: list[str], width_in: float) -> None:
     if not handles:
         return
-    # As many columns as the longest label allows (about 6 pt per character at 9 pt).
-    per = max(len(label) for label in labels) * 6 + 40
     n = len(labels)
-    ncols = max(1, min(n, int(width_in * 72 // per)))
+    ncols, rows = _legend_grid(labels, width_in)
     # Matplotlib fills a legend column by column; reorder so that it reads (in rank order) row
     # by row, like text.
-    rows = -(-n // ncols)
     order = [r * ncols + c for c in range(ncols) for r in range(rows) if r * ncols + c < n]
     fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="outside lower center", ncols=ncols)
 
@@ -652,7 +665,7 @@ def _compare_loss_figure(runs: Sequence[Run], out_dir: Path, x: str, unit: str, 
     """Train loss (left) and validation loss (right) of every run against `x`."""
     width = 12.0
     # Shared x: the same moment of training sits at the same place in both panels.
-    fig, axes = _figure(width, 4.4 + 0.22 * ((len(runs) + 2) // 3), ncols=2, sharex=True)
+    fig, axes = _figure(width, _height(4.4, [r.name for r in runs], width), ncols=2, sharex=True)
     handles: list[Any] = []
     labels: list[str] = []
     for ax, key, title in zip(axes, ("loss", "val_loss"), ("training loss", "validation loss")):
@@ -669,7 +682,8 @@ def _compare_loss_figure(runs: Sequence[Run], out_dir: Path, x: str, unit: str, 
                 color=color,
                 ls=ls,
                 lw=2.4 if wide else 1.3,
-                marker="o" if key == "val_loss" and len(points) < 40 else None,
+                # Markers show where the evaluations are, while there are few enough runs to see.
+                marker="o" if key == "val_loss" and len(points) < 40 and len(runs) <= 8 else None,
                 ms=3,
                 zorder=3 if wide else 2,
                 label=run.name,
@@ -685,7 +699,11 @@ def _compare_loss_figure(runs: Sequence[Run], out_dir: Path, x: str, unit: str, 
             ax.set_ylim(*ylim)
         entropies = {r.unigram_entropy for r in runs if r.unigram_entropy is not None}
         if len(entropies) == 1 and curves:
-            ax.axhline(entropies.pop(), color="#59636e", lw=1, ls=":", zorder=1)
+            entropy = entropies.pop()
+            ax.axhline(entropy, color="#59636e", lw=1, ls=":", zorder=1)
+            ax.text(
+                0.995, entropy, "unigram entropy", transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize=8, color="#59636e"
+            )
         ax.set_xlabel(_x_label(x))
         ax.set_ylabel(f"loss ({unit})")
         _eng_axis(ax, x)
@@ -703,7 +721,7 @@ def _compare_loss_figure(runs: Sequence[Run], out_dir: Path, x: str, unit: str, 
 def _compare_schedule_figure(runs: Sequence[Run], out_dir: Path, data: DataUnit, winner: str | None) -> FigureFile:
     """The learning rate (left) and batch size (right) of every run against data seen."""
     width = 12.0
-    fig, axes = _figure(width, 4.0 + 0.22 * ((len(runs) + 2) // 3), ncols=2)
+    fig, axes = _figure(width, _height(4.0, [r.name for r in runs], width), ncols=2)
     handles: list[Any] = []
     for ax, key, label in zip(axes, ("lr", "batch_size"), ("learning rate", "batch size (samples)")):
         values: list[float] = []
@@ -748,7 +766,7 @@ def _compare_noise_figure(runs: Sequence[Run], out_dir: Path, data: DataUnit) ->
     """The measured noise scale (solid) and the batch size used (dashed) of runs that logged it."""
     width = 12.0
     measured = [(i, r) for i, r in enumerate(runs) if r.has("noise_scale")]
-    fig, (ax,) = _figure(width, 4.2 + 0.22 * ((len(measured) + 2) // 3))
+    fig, (ax,) = _figure(width, _height(4.2, [r.name for _, r in measured], width))
     values: list[float] = []
     handles = []
     for i, run in measured:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -47,8 +48,10 @@ td.muted { color: var(--muted); }
 tbody tr:last-child td { border-bottom: none; }
 tr.winner td { background: var(--win); }
 tr.winner td:first-child { box-shadow: inset 4px 0 0 var(--win-line); }
-td.run { white-space: nowrap; }
-td.run svg { vertical-align: middle; margin-right: 8px; }
+td.run { min-width: 12ch; max-width: 48ch; }
+.runname { display: inline-flex; align-items: baseline; gap: 8px; vertical-align: middle; }
+.runname svg { flex: none; align-self: center; }
+.runname code { overflow-wrap: break-word; }
 small { color: var(--muted); font-size: 12px; }
 .badge { display: inline-block; padding: 1px 8px; border-radius: 999px; font-size: 12px; font-weight: 600; line-height: 1.6;
          vertical-align: 1px; }
@@ -167,6 +170,13 @@ def swatch(colour: str, linestyle: Any) -> str:
         f'<svg width="30" height="10" viewBox="0 0 30 10" aria-hidden="true">'
         f'<line x1="1" y1="5" x2="29" y2="5" stroke="{e(colour)}" stroke-width="3"{dash}/></svg>'
     )
+
+
+def run_label(name: str, colour: str, linestyle: Any) -> str:
+    """A run's swatch and name; long names (`optimizer.name=sgd,lr.schedule=...`) may wrap
+    after a comma, slash, dash or underscore rather than in the middle of a word."""
+    text = re.sub(r"([,/_-])", r"\1<wbr>", e(name))
+    return f"<span class='runname'>{swatch(colour, linestyle)}<code>{text}</code></span>"
 
 
 def status_badge(status: str) -> str:
@@ -298,7 +308,7 @@ def _ranking(
         badge = "<span class='badge winner'>★ winner</span>" if is_winner else ""
         cells = [
             f"<td class='num'>{i}</td>",
-            f"<td class='run'>{swatch(colour, ls)}<code>{e(run.name)}</code>{badge}</td>",
+            f"<td class='run'>{run_label(run.name, colour, ls)}{badge}</td>",
             f"<td>{status_badge(run.status)}</td>",
             f"<td class='num'>{fmt_loss(run.best_val_loss)}</td>",
             f"<td class='num'>{fmt_loss(run.final_loss)}{'<br><small>ranked on this</small>' if on and on[0] == 'train' else ''}</td>",
@@ -357,9 +367,7 @@ def _diff_section(
                 cells.append(f"<td class='value' data-key='{e(k)}'><code>{e(fmt_value(changes[k]))}</code></td>")
             else:
                 cells.append("<td class='same'>·</td>")
-        rows.append(
-            f"<tr data-run='{e(run.name)}'><td class='run'>{swatch(colour, ls)}<code>{e(run.name)}</code></td>{''.join(cells)}</tr>"
-        )
+        rows.append(f"<tr data-run='{e(run.name)}'><td class='run'>{run_label(run.name, colour, ls)}</td>{''.join(cells)}</tr>")
     return (
         "<section id='strategies'><h2>Strategy differences</h2>"
         f"<p class='note'>{note}</p>"

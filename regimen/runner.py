@@ -36,7 +36,10 @@ def format_summary(summary: dict[str, Any], run_dir: Path | None) -> str:
     skips = [e for e in summary.get("events", []) if e["event"] == "skip"]
     rollbacks = [e for e in summary.get("events", []) if e["event"] == "rollback"]
     if skips or rollbacks:
-        lines.append(f"  faults          {len(skips)} skipped step(s), {len(rollbacks)} rollback(s): " + ", ".join(f"{e['event']}@{e['step']}" for e in summary["events"]))
+        lines.append(
+            f"  faults          {len(skips)} skipped step(s), {len(rollbacks)} rollback(s): "
+            + ", ".join(f"{e['event']}@{e['step']}" for e in summary["events"])
+        )
     if run_dir is not None:
         lines.append(f"  run directory   {run_dir}")
     return "\n".join(lines)

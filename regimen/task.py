@@ -112,7 +112,9 @@ class Task:
                 return out.loss, out, target
             if isinstance(out, Mapping) and "loss" in out:
                 return out["loss"], out, target
-            raise UserError("the model's output has no .loss; pass loss='cross_entropy', 'mse' or a callable, and batches of (inputs, target)")
+            raise UserError(
+                "the model's output has no .loss; pass loss='cross_entropy', 'mse' or a callable, and batches of (inputs, target)"
+            )
         return self.loss(_logits(out), target), out, target
 
     def measure(self, out: Any, target: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, int]]:

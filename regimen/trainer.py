@@ -132,9 +132,51 @@ class Trainer:
         self.elapsed = 0.0
         self.lr_factor = 1.0  # lowered by rollbacks after non-finite steps
         self.skips_in_row = 0
+        self.rollbacks = 0
+        self.data_offset = 0  # samples skipped by rollbacks: the stream reads samples + offset
+        self.window: list[float] = []  # train losses since the last logged row
         self.events: list[dict[str, Any]] = []  # skips and rollbacks, for the summary
         torch.manual_seed(s.train.seed + 1000 * self.dist.rank)  # dropout differs per rank
         self.eval_ids = self._eval_positions()
+
+    # ---- training state (what a checkpoint holds besides model, optimizer and RNG) ----------
+
+    def training_state(self) -> dict[str, Any]:
+        """Counters and the stateful schedule and estimator, as plain JSON data."""
+        p = self.progress
+        return {
+            "progress": {"step": p.step, "samples": p.samples, "tokens": p.tokens},
+            "elapsed": self.elapsed,
+            "lr_factor": self.lr_factor,
+            "rollbacks": self.rollbacks,
+            "data_offset": self.data_offset,
+            "window": self.window,
+            "events": self.events,
+            "batch_schedule": self.batch_schedule.state_dict(),
+            "noise": self.noise.state_dict() if self.noise is not None else None,
+        }
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.progress = Progress(**state["progress"])
+        self.elapsed = state["elapsed"]
+        self.lr_factor = state["lr_factor"]
+        self.rollbacks = state["rollbacks"]
+        self.data_offset = state["data_offset"]
+        self.window = list(state["window"])
+        self.events = list(state["events"])
+        self.batch_schedule.load_state_dict(state["batch_schedule"])
+        if self.noise is not None and state.get("noise"):
+            self.noise.load_state_dict(state["noise"])
+
+    def consecutive_state(self) -> dict[str, Any] | None:
+        """The consecutive-steps gradient pair's buffer (single process only), or None."""
+        if self.consecutive is None or self.dist.enabled:
+            return None
+        return self.consecutive.state_dict() or None
+
+    def load_consecutive_state(self, state: dict[str, Any]) -> None:
+        if self.consecutive is not None:
+            self.consecutive.load_state_dict(state)
 
     @property
     def _measure_noise(self) -> bool:
@@ -164,7 +206,7 @@ class Trainer:
         lr = self.current_lr(B)
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr / s.optimizer.lr
-        ids = self.order.take(self.progress.samples, B)
+        ids = self.order.take(self.progress.samples + self.data_offset, B)
         share = B // d.world_size
         mine = ids[d.rank * share : (d.rank + 1) * share]
         sizes = micro_sizes(share, s.batch.micro)
@@ -259,40 +301,44 @@ class Trainer:
     # ---- the outer loop ------------------------------------------------------------------
 
     def fit(self) -> RunResult:
-        """Train until the budget is spent; log, evaluate and record on their cadence."""
+        """Train until the budget is spent; log, evaluate and checkpoint on their cadence."""
         s = self.strategy
         writer = tb = None
         if self.is_main and self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             s.save(self.run_dir / "strategy.toml")
             writer = MetricsWriter(self.run_dir / "metrics.jsonl")
-            writer.truncate_after(self.progress.step)
+            writer.truncate_after(self.progress.step)  # a resumed run redoes what followed its checkpoint
             if s.observe.tensorboard:
                 tb = TensorBoardLogger(self.run_dir / "tensorboard")
         mode = s.observe.progress if self.is_main else "none"
         display = ProgressDisplay(self.budget, self.budget_unit, mode, initial=self.progress.value(self.budget_unit))
         history: list[dict[str, Any]] = []
-        window: list[float] = []
         last_log_time, last_log_tokens = time.perf_counter(), self.progress.tokens
         t0 = time.perf_counter() - self.elapsed
+        last_save = time.perf_counter()
         self.wrapped.train()
         set_train_mode(self.optimizer, True)
         while not budget_reached(self.progress, self.budget_unit, self.budget):
             out = self.train_step()
             if out["skipped"]:
-                self._on_nonfinite(out, display)
+                if self._on_nonfinite(out, display):  # rolled back: forget the rows after the checkpoint
+                    history = [r for r in history if r["step"] <= self.progress.step]
+                    if writer:
+                        writer.truncate_after(self.progress.step)
+                    last_log_tokens = self.progress.tokens
                 continue
             self.skips_in_row = 0
             self.progress = self.progress.advanced(out["batch_size"], self.data.tokens_per_sample)
-            window.append(out["loss"])
+            self.window.append(out["loss"])
             self.batch_schedule.observe(self.progress, self.noise.noise_scale if self.noise else None)
             done = budget_reached(self.progress, self.budget_unit, self.budget)
             step = self.progress.step
             evaluate = step % s.train.eval_every == 0 or done
             if step % s.train.log_every == 0 or evaluate:
                 now = time.perf_counter()
-                row = self._row(out, window, now - t0, (self.progress.tokens - last_log_tokens) / max(now - last_log_time, 1e-9))
-                window, last_log_time, last_log_tokens = [], now, self.progress.tokens
+                row = self._row(out, self.window, now - t0, (self.progress.tokens - last_log_tokens) / max(now - last_log_time, 1e-9))
+                self.window, last_log_time, last_log_tokens = [], now, self.progress.tokens
                 if evaluate:
                     row.update(self.evaluate())
                     last_log_time = time.perf_counter()  # evaluation time is not training throughput
@@ -306,15 +352,39 @@ class Trainer:
                 display.update(self.progress.value(self.budget_unit), row)
                 if evaluate and "val_loss" in row:
                     display.message(self._eval_line(row))
+            if self.run_dir is not None and not done and self._checkpoint_due(last_save):
+                self.elapsed = time.perf_counter() - t0
+                self.save()
+                last_save = time.perf_counter()
         self.elapsed = time.perf_counter() - t0
         display.close()
         summary = self._summary(history)
+        if self.run_dir is not None:
+            self.save()
+            from regimen.checkpoint import export_safetensors
+
+            export_safetensors(self, self.run_dir / "model.safetensors")
         if writer:
             writer.close()
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if tb:
             tb.close()
         return RunResult(self.progress, summary, history, self.run_dir)
+
+    def _checkpoint_due(self, last_save: float) -> bool:
+        """Every `every` steps and/or `every_minutes`; rank 0's clock decides for all ranks."""
+        c = self.strategy.checkpoint
+        due = c.every > 0 and self.progress.step % c.every == 0
+        if c.every_minutes > 0:
+            flag = torch.tensor([float(due or time.perf_counter() - last_save >= 60 * c.every_minutes)] if self.is_main else [0.0])
+            due = self.dist.all_reduce_sum(flag).item() > 0
+        return due
+
+    def save(self) -> Path:
+        """Save a checkpoint of the whole training state into the run directory."""
+        from regimen.checkpoint import save_checkpoint
+
+        return save_checkpoint(self)
 
     def _row(self, out: dict[str, Any], window: list[float], elapsed: float, tokens_per_s: float) -> dict[str, Any]:
         row = {
@@ -338,18 +408,41 @@ class Trainer:
         extras = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_"))
         return f"step {row['step']:>6}  eval: {extras}"
 
-    def _on_nonfinite(self, out: dict[str, Any], display: ProgressDisplay) -> None:
+    def _on_nonfinite(self, out: dict[str, Any], display: ProgressDisplay) -> bool:
+        """A skipped step: count it; after `max_skips_in_row`, roll back to the last checkpoint."""
+        s = self.strategy.train
         self.skips_in_row += 1
+        # The skipped batch is consumed (not retried): its samples are what blew up.
         self.progress = self.progress.advanced(out["batch_size"], self.data.tokens_per_sample)
-        self.events.append({"event": "skip", "step": self.progress.step, "loss": out["loss"]})
-        display.message(f"step {self.progress.step}: non-finite loss or gradients, step skipped ({self.skips_in_row} in a row)")
-        if self.skips_in_row >= self.strategy.train.max_skips_in_row:
-            from regimen.errors import UserError
+        self.events.append({"event": "skip", "step": self.progress.step, "loss": out["loss"] if math.isfinite(out["loss"]) else None})
+        display.message(f"step {self.progress.step}: non-finite loss or gradients; step skipped ({self.skips_in_row} in a row)")
+        if self.skips_in_row < s.max_skips_in_row:
+            return False
+        from regimen.checkpoint import latest_checkpoint, load_checkpoint
+        from regimen.errors import UserError
 
+        found = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
+        if found is None:
             raise UserError(
-                f"training diverged: {self.skips_in_row} non-finite steps in a row at step {self.progress.step}; "
-                "lower optimizer.lr, enable train.clip, or checkpoint so the run can roll back"
+                f"training diverged: {self.skips_in_row} non-finite steps in a row at step {self.progress.step} and no checkpoint "
+                "to roll back to; lower optimizer.lr, set train.clip, or set checkpoint.every"
             )
+        if self.rollbacks >= s.max_rollbacks:
+            raise UserError(
+                f"training diverged: {self.skips_in_row} non-finite steps in a row at step {self.progress.step} after "
+                f"{self.rollbacks} rollback(s) (train.max_rollbacks = {s.max_rollbacks}); lower optimizer.lr or set train.clip"
+            )
+        failed_at, events = self.progress, self.events
+        rollbacks, factor = self.rollbacks + 1, self.lr_factor * s.lr_backoff
+        load_checkpoint(self, found)
+        # Skip the data between the checkpoint and the failure; lower the LR; keep the history.
+        self.data_offset += failed_at.samples - self.progress.samples
+        self.rollbacks, self.lr_factor, self.skips_in_row = rollbacks, factor, 0
+        self.events = [*events, {"event": "rollback", "step": failed_at.step, "to_step": self.progress.step, "lr_factor": factor}]
+        if self.consecutive is not None:
+            self.consecutive.reset()
+        display.message(f"step {failed_at.step}: rolled back to step {self.progress.step} ({found.name}); LR x {factor:g}")
+        return True
 
     def _summary(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         last = history[-1] if history else {}

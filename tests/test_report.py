@@ -180,7 +180,7 @@ def test_strategy_diff_against_base(tmp_path: Path) -> None:
     # A nested base works the same, and the page shows exactly the differing cells.
     report = write_report([r.path for r in runs], tmp_path / "out", base=Strategy().replace(BASE).resolve().to_dict())
     page = Page(report.read_text())
-    cells = [(td.get("data-key")) for td in page.all("td") if "value" in td.get("class", "").split()]
+    cells = [td["data-key"] for td in page.all("td") if "value" in td.get("class", "").split()]
     assert sorted(cells) == ["lr.schedule", "optimizer.lr"]
 
 
@@ -234,14 +234,14 @@ def test_awkward_runs(tmp_path: Path) -> None:
     (empty / "metrics.jsonl").write_text("")
 
     run = load_run(nan)
-    assert math.isnan(run.final_loss)  # the last logged loss says the run diverged
+    assert run.final_loss is not None and math.isnan(run.final_loss)  # the last logged loss: diverged
     assert all(math.isfinite(y) for _, _, y in run.series("loss"))
     assert run.steps == 220
     assert load_run(empty).best_val_loss is None and load_run(empty).status == "running"
 
     for path in (no_val, one, nan, empty):
         check_self_contained(write_report([path], tmp_path / "single" / path.name))
-        assert plot_run(path)
+    assert plot_run(empty) == [empty / "loss.png"]
     report = write_report([no_val, one, nan, empty], tmp_path / "all")
     page = check_self_contained(report)
     # Ranked on val loss first (one, nan), then on train loss (no_val), then nothing (empty).

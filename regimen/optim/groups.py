@@ -22,7 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-_NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+_NO_DECAY_MODULES = (
+    nn.Embedding,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
 
 
 def _unique_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

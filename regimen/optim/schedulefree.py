@@ -72,7 +72,7 @@ class _ScheduleFree(Optimizer):
             zs = [self.state[p]["z"] for p in params]
             if params:
                 for (p_list, z_list), _ in Optimizer._group_tensors_by_device_and_dtype([params, zs]).values():
-                    torch._foreach_lerp_(p_list, z_list, weight(self._beta(group)) * 1.0001)
+                    torch._foreach_lerp_(p_list, z_list, weight(self._beta(group)))
             group["train_mode"] = train
 
     @torch.no_grad()
