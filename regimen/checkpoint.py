@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -33,6 +34,7 @@ import pickle
 import shutil
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +123,14 @@ class SafeFileSystemReader(dcp.FileSystemReader):
 # --------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that it runs without a process group; for one process that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -203,7 +213,8 @@ def save_checkpoint(trainer: Trainer) -> Path:
     set_train_mode(trainer.optimizer, False)
     try:
         model_sd, optim_sd = get_state_dict(trainer.model, _optimizers(trainer))
-        dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=dcp.FileSystemWriter(str(tmp)))
+        with _quiet_single_process():
+            dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=dcp.FileSystemWriter(str(tmp)))
         torch.save(rng_state(trainer.device), tmp / f"rng-rank{d.rank}.pt")
         if d.is_main:
             (tmp / "train_state.json").write_text(json.dumps(trainer.training_state(), indent=1))
@@ -253,11 +264,14 @@ def load_checkpoint(trainer: Trainer, path: str | Path) -> None:
     state = {"model": model_sd, "optim": optim_sd}
     reader = SafeFileSystemReader(str(path))
     try:
-        dcp.load(state, storage_reader=reader)
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=reader)
     except Exception as e:  # DCP wraps every rank's failure in its own exception types
         text = str(e)
         if "not a valid regimen checkpoint" in text:
-            raise UserError(f"checkpoint {str(path)!r} is not a valid regimen checkpoint: {text.split('(', 1)[-1].split(')')[0]}; it was not loaded") from None
+            raise UserError(
+                f"checkpoint {str(path)!r} is not a valid regimen checkpoint: {text.split('(', 1)[-1].split(')')[0]}; it was not loaded"
+            ) from None
         first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
         raise UserError(f"checkpoint {str(path)!r} does not match this model and optimizer ({first[:300]})") from None
     set_state_dict(

@@ -5,9 +5,10 @@ Everything here is a pure function of the files a run directory holds (`strategy
 runs that finished, runs still going, and runs that died:
 
 - `metrics.jsonl` is read as a stream: a line that does not parse (the half-written last line
-  of a running job) is ignored, a step logged twice (a row that only adds `val_loss`, or the
-  steps a resumed run logs again) keeps its latest value, and non-finite values (a diverged
-  step) are left out of the plots instead of breaking them.
+  of a running job) is ignored; a step logged twice (a row that only adds `val_loss`) keeps its
+  latest value; a step that goes back (a run resumed from an earlier checkpoint) replaces
+  everything logged after it; non-finite values (a diverged step) are left out of the plots
+  instead of breaking them.
 - No `summary.json` means the run has not finished: it is shown as "running".
 
 Decisions the page states as well:
@@ -101,16 +102,35 @@ class Run:
         """The strategy as `{"section.key": value}`."""
         return flatten_strategy(self.strategy)
 
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The metric rows in effect, in order.
+
+        A row whose step goes back (a run resumed from an earlier checkpoint) drops every row
+        logged after that step: what the rolled-back run did there never happened. Rows that
+        repeat the current step (an evaluation) stay; rows without a step are left out.
+        """
+        if "rows" not in self._cache:
+            kept: list[dict[str, Any]] = []
+            for row in self.metrics:
+                step = _finite(row.get("step"))
+                if step is None:
+                    continue
+                while kept and kept[-1]["step"] > step:
+                    kept.pop()
+                kept.append(row)
+            self._cache["rows"] = kept
+        return self._cache["rows"]
+
     def series(self, y: str, x: str = "step") -> list[tuple[float, float, float]]:
         """`(step, x, y)` for every logged step where both are finite, in step order.
 
-        A step logged more than once keeps its latest row that has `y`: the rows a resumed run
-        logs again replace the ones it rolled back over.
+        A step logged twice (a row that only adds `val_loss`) keeps its latest row with `y`.
         """
         key = ("series", y, x)
         if key not in self._cache:
             by_step: dict[float, tuple[float, float]] = {}
-            for row in self.metrics:
+            for row in self.rows:
                 step, xv, yv = _finite(row.get("step")), _finite(row.get(x)), _finite(row.get(y))
                 if step is not None and xv is not None and yv is not None:
                     by_step[step] = (xv, yv)
@@ -195,7 +215,7 @@ class Run:
 
     def _last(self, key: str, finite: bool = False) -> float | None:
         # The last row that logged `key` at all, so that a run that ended in NaN says so.
-        for row in reversed(self.metrics):
+        for row in reversed(self.rows):
             value = row.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 if finite and not math.isfinite(value):
@@ -204,7 +224,7 @@ class Run:
         return None
 
     def _max(self, key: str) -> float | None:
-        values = [v for v in (_finite(row.get(key)) for row in self.metrics) if v is not None]
+        values = [v for v in (_finite(row.get(key)) for row in self.rows) if v is not None]
         return max(values) if values else None
 
 
@@ -276,7 +296,14 @@ def _finite(value: Any) -> float | None:
 # Comparing runs: strategy diff, ranking, time to target
 # --------------------------------------------------------------------------------------------
 
-MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+# A key a run's strategy does not set (TOML has no null: None-valued keys are left out).
+MISSING: Any = _Missing()
 
 
 def flatten_strategy(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -435,8 +462,11 @@ def unique_names(runs: Sequence[Run]) -> None:
             if run.name in dupes:
                 parts = run.path.resolve().parts
                 run.name = "/".join(parts[-1 - depth :])
-    for i, run in enumerate(runs):
-        run.name = f"{run.name} #{i + 1}"
+    seen: dict[str, int] = {}
+    for run in runs:
+        seen[run.name] = seen.get(run.name, 0) + 1
+        if seen[run.name] > 1:
+            run.name = f"{run.name} #{seen[run.name]}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,11 +555,13 @@ def _loss_ylim(all_values: Sequence[Sequence[float]]) -> tuple[float, float] | N
     if not values:
         return None
     lo, hi = min(values), max(values)
-    firsts = sorted(vs[0] for vs in all_values if vs)
-    start = firsts[len(firsts) // 2]
+    curves = [sorted(vs) for vs in all_values if vs]
+    start = sorted(vs[0] for vs in all_values if vs)[len(curves) // 2]
+    # The typical run's 90th percentile, so that a loss that only rises is seen too.
+    high = sorted(c[int(0.9 * (len(c) - 1))] for c in curves)[(len(curves) - 1) // 2]
     # Room for half the typical drop above the typical start: ordinary curves fit whole, while
     # a run that blew up leaves through the top instead of flattening every other curve.
-    top = min(hi, start + 0.5 * (start - lo))
+    top = min(hi, max(start + 0.5 * (start - lo), high))
     span = (top - lo) or abs(top) or 1.0
     return lo - 0.04 * span, top + 0.06 * span
 

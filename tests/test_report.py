@@ -220,6 +220,23 @@ def test_running_run_and_truncated_line(tmp_path: Path) -> None:
     assert "still going" in report.read_text()
 
 
+def test_resumed_run_replaces_rolled_back_steps(tmp_path: Path) -> None:
+    """A run resumed from the checkpoint at step 50 logs 60.. again: those rows win, and what
+    the first attempt logged after step 50 (up to its crash at 100) is gone."""
+    path = make_run(tmp_path / "resumed", steps=100, val_every=None, finished=False)
+    with open(path / "metrics.jsonl", "a") as f:
+        for step in (60, 70, 80):
+            f.write(json.dumps({"step": step, "samples": step * 32, "tokens": step * 2048, "loss": 9.0, "time": step * 0.05}) + "\n")
+    run = load_run(path)
+    assert [(s, y) for s, _, y in run.series("loss")][-4:] == [
+        (50, pytest.approx(1.5 + 4 * math.exp(-1.5))),
+        (60, 9.0),
+        (70, 9.0),
+        (80, 9.0),
+    ]
+    assert run.steps == 80 and run.final_loss == 9.0
+
+
 def test_awkward_runs(tmp_path: Path) -> None:
     """No val_loss, a single row, NaN / null values, an empty file: pages, no crash."""
     no_val = make_run(tmp_path / "no_val", val_every=None, finished=False)
