@@ -194,7 +194,8 @@ def stdlib_corpus(val_fraction: float) -> tuple[np.ndarray, np.ndarray, int]:
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
     if not files:
         raise UserError(f"data.source = 'stdlib': no .py files under {root}")
-    train, val = [], []
+    train: list[bytes] = []
+    val: list[bytes] = []
     for p in files:
         rel = p.relative_to(root).as_posix()
         # crc32 is stable across processes and Python versions (hash() is salted).
@@ -263,14 +264,15 @@ def _memmap_tokens(source: str, path: Path) -> np.ndarray:
 def load_source(cfg: DataConfig, context: int) -> TaskData:
     """The `TaskData` of a built-in source, for a model with the given context length."""
     kind = cfg.source.split(":", 1)[0]
+    train: np.ndarray
+    val: np.ndarray
     if kind == "synthetic":
         x, y = synthetic_classification(cfg.num_samples, cfg.num_features, cfg.num_classes)
-        n_val = int(round(cfg.num_samples * cfg.val_fraction))
+        n_val = round(cfg.num_samples * cfg.val_fraction)
         n_train = cfg.num_samples - n_val
-        val = TensorSamples((x[n_train:], y[n_train:])) if n_val else None
         return TaskData(
             TensorSamples((x[:n_train], y[:n_train])),
-            val,
+            TensorSamples((x[n_train:], y[n_train:])) if n_val else None,
             num_features=cfg.num_features,
             num_classes=cfg.num_classes,
             description=f"synthetic: {cfg.num_classes}-class Gaussian mixture, {n_train} train / {n_val} val samples",
@@ -291,9 +293,9 @@ def load_source(cfg: DataConfig, context: int) -> TaskData:
     elif kind == "tokens":
         path = _read_path(cfg.source)
         if path.is_dir():
-            train = _memmap_tokens(cfg.source, path / "train.bin") if (path / "train.bin").exists() else None
-            if train is None:
+            if not (path / "train.bin").exists():
                 raise UserError(f"data.source = {cfg.source!r}: the directory has no train.bin")
+            train = _memmap_tokens(cfg.source, path / "train.bin")
             val = _memmap_tokens(cfg.source, path / "val.bin") if (path / "val.bin").exists() else train[:0]
         else:
             data = _memmap_tokens(cfg.source, path)

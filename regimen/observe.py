@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a metrics file; a torn last line (a run killed mid-write) is ignored."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     p = Path(path)
     if not p.exists():
         return rows

@@ -5,10 +5,15 @@ needs it (no singleton); whether gradients are synchronised on a micro-step is d
 caller through `grad_sync(model, enabled)`.
 
 - torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT; `Dist.from_env()` joins the
-  group (gloo on CPU, nccl on CUDA) with a bounded timeout so a lost rank never hangs the job.
+  group (gloo on CPU, nccl on CUDA) with a bounded timeout so a lost rank never hangs the job:
+  every collective (and the join itself) fails after `REGIMEN_DIST_TIMEOUT` seconds (default
+  300) instead of waiting forever for a rank that crashed or got stuck; torchrun then stops the
+  other workers and exits non-zero.
 - `mode = "ddp"`: DistributedDataParallel (gradients all-reduced and averaged over ranks).
 - `mode = "fsdp"`: FSDP2, `fully_shard` on each transformer block, then on the root; with
   `fsdp_bf16` a mixed-precision policy computes in bf16 and reduces gradients in fp32.
+  FSDP2 reduce-scatters each rank's gradient as soon as the backward ends, so a rank's own
+  (local) gradient is never visible: estimators that need it (the noise scale) need `ddp`.
 
 Example:
     >>> d = Dist()
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,8 +36,30 @@ from torch import nn
 
 from regimen.errors import UserError
 
-# A rank that stops answering fails the job after this long instead of hanging it.
-TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("REGIMEN_DIST_TIMEOUT", "300")))
+TIMEOUT_ENV = "REGIMEN_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def dist_timeout() -> datetime.timedelta:
+    """How long a collective waits for the other ranks: `REGIMEN_DIST_TIMEOUT` seconds (default 300).
+
+    Read when the group is created, not at import, so a launcher or a test can set it per job.
+    A rank that stops answering fails the job after this long instead of hanging it.
+
+    >>> os.environ[TIMEOUT_ENV] = "20"; dist_timeout().total_seconds()
+    20.0
+    >>> del os.environ[TIMEOUT_ENV]
+    """
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    if not raw.strip():
+        return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise UserError(f"{TIMEOUT_ENV} = {raw!r}: must be a number of seconds > 0 (the longest a rank waits for the others)")
+    return datetime.timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -56,12 +84,17 @@ class Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
+        if "RANK" not in os.environ:
+            raise UserError(f"WORLD_SIZE = {world} but RANK is not set: start distributed runs with torchrun or `regimen train --nproc N`")
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
-            backend = "nccl" if device_type == "cuda" else "gloo"
+            timeout = dist_timeout()
             if device_type == "cuda":
                 torch.cuda.set_device(local)
-            dist.init_process_group(backend=backend, timeout=TIMEOUT)
+                # device_id binds NCCL to this rank's GPU at once (eager init, no guessing later).
+                dist.init_process_group(backend="nccl", timeout=timeout, device_id=torch.device("cuda", local))
+            else:
+                dist.init_process_group(backend="gloo", timeout=timeout)
         return cls(rank, world, local)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:

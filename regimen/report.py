@@ -539,22 +539,33 @@ def _no_data(ax: Any, text: str) -> None:
 
 def _eng_axis(ax: Any, unit: str) -> None:
     # 12,000,000 tokens reads better as "12M" than as "1.2" with a "1e7" in the corner.
-    if unit in ("samples", "tokens"):
+    if unit in ("samples", "tokens") and ax.lines:
         from matplotlib.ticker import EngFormatter
 
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+
+
+def _entropy_line(ax: Any, entropy: float) -> None:
+    """The data's unigram entropy: the loss of a model that ignores context, a line to beat."""
+    ax.axhline(entropy, color="#59636e", lw=1, ls=":", zorder=1)
+    ax.text(0.995, entropy, "unigram entropy", transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize=8, color="#59636e")
 
 
 def _x_label(unit: str) -> str:
     return {"step": "steps", "samples": "samples", "tokens": "tokens", "time": "wall time (s)"}[unit]
 
 
-def _loss_ylim(all_values: Sequence[Sequence[float]]) -> tuple[float, float] | None:
-    """Y limits that show every run's curve but not a diverged run's spike to 1e4."""
+def _loss_ylim(all_values: Sequence[Sequence[float]], floor: float | None = None) -> tuple[float, float] | None:
+    """Y limits that show every run's curve but not a diverged run's spike to 1e4.
+
+    `floor` (the unigram entropy) is kept in view: how far above it a model is matters.
+    """
     values = [v for vs in all_values for v in vs]
     if not values:
         return None
     lo, hi = min(values), max(values)
+    if floor is not None:
+        lo = min(lo, floor)
     curves = [sorted(vs) for vs in all_values if vs]
     start = sorted(vs[0] for vs in all_values if vs)[len(curves) // 2]
     # The typical run's 90th percentile, so that a loss that only rises is seen too.
@@ -609,7 +620,7 @@ def _legend(fig: Any, handles: list[Any], labels: list[str], width_in: float) ->
 
 def _single_loss_figure(run: Run, out_dir: Path, unit: str) -> FigureFile:
     """loss.png: train and val loss against steps, the LR on a twin axis."""
-    fig, (ax,) = _figure(9.0, 4.6)
+    fig, (ax,) = _figure(11.0, 4.8)
     train, val = run.series("loss"), run.series("val_loss")
     handles = []
     if train:
@@ -620,7 +631,7 @@ def _single_loss_figure(run: Run, out_dir: Path, unit: str) -> FigureFile:
         handles.append(ax.axhline(run.unigram_entropy, color="#59636e", lw=1, ls=":", label="unigram entropy"))
     if not (train or val):
         _no_data(ax, "no finite loss logged yet")
-    ylim = _loss_ylim([[p[2] for p in s] for s in (train, val) if s])
+    ylim = _loss_ylim([[p[2] for p in s] for s in (train, val) if s], run.unigram_entropy)
     if ylim:
         ax.set_ylim(*ylim)
     ax.set_xlabel("steps")
@@ -636,7 +647,7 @@ def _single_loss_figure(run: Run, out_dir: Path, unit: str) -> FigureFile:
         ax2.set_ylim(bottom=0)
         ax2.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     ax.set_title(f"{run.name}: loss and learning rate")
-    _legend(fig, handles, [h.get_label() for h in handles], 9.0)
+    _legend(fig, handles, [h.get_label() for h in handles], 11.0)
     return _save(fig, out_dir, "loss.png", "Training and validation loss against steps; the learning rate on the right axis.", "loss curve")
 
 
@@ -647,7 +658,7 @@ def _wants_batch_figure(run: Run) -> bool:
 
 def _single_batch_figure(run: Run, out_dir: Path) -> FigureFile:
     """batch.png: batch size and (where logged) the noise scale against steps."""
-    fig, (ax,) = _figure(9.0, 3.8)
+    fig, (ax,) = _figure(11.0, 3.8)
     handles = []
     batch, noise = run.series("batch_size"), run.series("noise_scale")
     if batch:
@@ -661,7 +672,7 @@ def _single_batch_figure(run: Run, out_dir: Path) -> FigureFile:
     ax.set_xlabel("steps")
     ax.set_ylabel("batch size / noise scale (samples)" if noise else "batch size (samples)")
     ax.set_title(f"{run.name}: batch size" + (" and gradient noise scale" if noise else ""))
-    _legend(fig, handles, [h.get_label() for h in handles], 9.0)
+    _legend(fig, handles, [h.get_label() for h in handles], 11.0)
     caption = "Global batch size (samples) against steps" + (
         "; the measured noise scale B_noise, the critical batch size." if noise else "."
     )
@@ -681,9 +692,11 @@ def _single_progress_figure(run: Run, out_dir: Path, unit: str, data: DataUnit) 
             h += ax.plot([p[1] for p in val], [p[2] for p in val], color=PALETTE[1], lw=1.6, marker="o", ms=3.5, label="val loss")
         if not h:
             _no_data(ax, f"no loss logged against {_x_label(x)}")
-        ylim = _loss_ylim([[p[2] for p in s] for s in (train, val) if s])
+        ylim = _loss_ylim([[p[2] for p in s] for s in (train, val) if s], run.unigram_entropy)
         if ylim:
             ax.set_ylim(*ylim)
+        if run.unigram_entropy is not None and h:
+            _entropy_line(ax, run.unigram_entropy)
         ax.set_xlabel(_x_label(x))
         ax.set_ylabel(f"loss ({unit})")
         _eng_axis(ax, x)
@@ -726,16 +739,14 @@ def _compare_loss_figure(runs: Sequence[Run], out_dir: Path, x: str, unit: str, 
                 labels.append(run.name)
         if not curves:
             _no_data(ax, f"no {title} logged")
-        ylim = _loss_ylim(curves)
+        # The unigram entropy as a reference line, when the runs share their data.
+        entropies = {r.unigram_entropy for r in runs if r.unigram_entropy is not None}
+        entropy = entropies.pop() if len(entropies) == 1 else None
+        ylim = _loss_ylim(curves, entropy)
         if ylim:
             ax.set_ylim(*ylim)
-        entropies = {r.unigram_entropy for r in runs if r.unigram_entropy is not None}
-        if len(entropies) == 1 and curves:
-            entropy = entropies.pop()
-            ax.axhline(entropy, color="#59636e", lw=1, ls=":", zorder=1)
-            ax.text(
-                0.995, entropy, "unigram entropy", transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize=8, color="#59636e"
-            )
+        if entropy is not None and curves:
+            _entropy_line(ax, entropy)
         ax.set_xlabel(_x_label(x))
         ax.set_ylabel(f"loss ({unit})")
         _eng_axis(ax, x)

@@ -185,6 +185,18 @@ def status_badge(status: str) -> str:
     return f'<span class="badge {kind}">{e(status)}</span>'
 
 
+def incidents(run: Run) -> str:
+    """`3 steps skipped, 1 rollback` from the summary's `events` (non-finite steps), or ''."""
+    events = (run.summary or {}).get("events")
+    if not isinstance(events, list):
+        return ""
+    kinds = [ev.get("event") for ev in events if isinstance(ev, Mapping)]
+    skips, rollbacks = kinds.count("skip"), kinds.count("rollback")
+    parts = [f"{skips} step{'s' * (skips != 1)} skipped"] if skips else []
+    parts += [f"{rollbacks} rollback{'s' * (rollbacks != 1)}"] if rollbacks else []
+    return ", ".join(parts)
+
+
 def throughput(run: Run, data: str) -> float | None:
     """tokens/s for sequence models; samples/s otherwise."""
     if data == "tokens" or (run.tokens is not None and run.tokens == run.samples):
@@ -309,7 +321,7 @@ def _ranking(
         cells = [
             f"<td class='num'>{i}</td>",
             f"<td class='run'>{run_label(run.name, colour, ls)}{badge}</td>",
-            f"<td>{status_badge(run.status)}</td>",
+            f"<td>{status_badge(run.status)}{f'<br><small>{e(incidents(run))}</small>' if incidents(run) else ''}</td>",
             f"<td class='num'>{fmt_loss(run.best_val_loss)}</td>",
             f"<td class='num'>{fmt_loss(run.final_loss)}{'<br><small>ranked on this</small>' if on and on[0] == 'train' else ''}</td>",
             to_target,
@@ -436,7 +448,8 @@ def single_page(
         if run.summary is not None
         else " No <code>summary.json</code> yet: the run is still going (or died); numbers are the latest logged."
     )
-    head = f"<header><h1>{e(title)} {status_badge(run.status)}</h1><p class='sub'><code>{e(run.path)}</code>.{going}</p></header>"
+    trouble = f" {e(incidents(run)).capitalize()}." if incidents(run) else ""
+    head = f"<header><h1>{e(title)} {status_badge(run.status)}</h1><p class='sub'><code>{e(run.path)}</code>.{trouble}{going}</p></header>"
     body = [
         head,
         f"<section id='summary'><h2>Summary</h2><div class='cards'>{card_html}</div></section>",

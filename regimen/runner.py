@@ -2,8 +2,8 @@
 
 Example:
     >>> from regimen.strategy import Strategy
-    >>> s = Strategy.load(None, ["model.name=mlp", "data.source=synthetic", "train.steps=2", "observe.progress=none", "observe.report=false"])
-    >>> import tempfile; run_training(s, tempfile.mkdtemp() + "/run", quiet=True)
+    >>> s = Strategy.load(None, ["model.name=mlp", "data.source=synthetic", "train.steps=2", "observe.report=false"])
+    >>> import tempfile; run_training(s.replace({"observe.progress": "none"}), tempfile.mkdtemp() + "/run", quiet=True)
     0
 """
 

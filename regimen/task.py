@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +63,7 @@ def resolve_loss(loss: str | LossFn | None) -> LossFn | None:
     return LOSSES[loss]
 
 
-def resolve_metrics(metrics: list[str | MetricFn] | None) -> dict[str, MetricFn]:
+def resolve_metrics(metrics: Sequence[str | MetricFn] | None) -> dict[str, MetricFn]:
     """Named metric functions; a callable is named after its `__name__`."""
     out: dict[str, MetricFn] = {}
     for m in metrics or []:

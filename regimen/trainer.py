@@ -45,7 +45,7 @@ from regimen.data import SampleOrder, micro_sizes, split_evenly
 from regimen.noise import ConsecutiveGradients, NoiseScaleEstimator, grad_sqnorm
 from regimen.observe import MetricsWriter, ProgressDisplay, TensorBoardLogger
 from regimen.optim import build_optimizer, set_train_mode
-from regimen.progress import Progress
+from regimen.progress import Progress, Unit
 from regimen.schedules import budget_reached, build_batch_schedule, build_lr_schedule, lr_batch_scale, simulate_budget
 from regimen.strategy import Strategy
 from regimen.task import Task, build_task
@@ -109,7 +109,7 @@ class Trainer:
         self.mode = parallel.resolve_mode(s.parallel.mode, self.dist)
         self.wrapped = parallel.wrap(self.model, self.mode, self.dist, self.device, s.parallel.fsdp_bf16)
         if s.train.compile:
-            self.wrapped = torch.compile(self.wrapped)
+            self.wrapped = torch.compile(self.wrapped)  # type: ignore[assignment]
         self.optimizer = build_optimizer(self.model, s.optimizer)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.order = SampleOrder(len(self.data.train), s.train.seed)
@@ -117,9 +117,10 @@ class Trainer:
         # (`full` rounds only to the world size: it should drop as few samples as it can.)
         self.multiple = self.dist.world_size * (1 if s.batch.schedule == "full" else (s.batch.micro or 1))
         self.batch_schedule = build_batch_schedule(s.batch, seed=s.train.seed, multiple=self.multiple, dataset_size=len(self.data.train))
-        self.budget_unit, self.budget = s.train.budget()
-        if self.budget_unit == "epochs":
-            self.budget_unit, self.budget = "samples", self.budget * len(self.data.train)
+        unit, self.budget = s.train.budget()
+        if unit == "epochs":
+            unit, self.budget = "samples", self.budget * len(self.data.train)
+        self.budget_unit: Unit = unit  # type: ignore[assignment]
         total = self.budget
         if s.lr.unit != self.budget_unit:
             total = simulate_budget(self.batch_schedule, self.budget_unit, self.budget, s.lr.unit, self.data.tokens_per_sample)
@@ -196,6 +197,7 @@ class Trainer:
     def current_lr(self, batch: int) -> float:
         """The LR of the next step: schedule(progress) x batch-size scaling x rollback factor."""
         s = self.strategy
+        assert s.lr.scale_with_batch != "auto", "resolved in Strategy.resolve"
         scale = lr_batch_scale(s.lr.scale_with_batch, batch, s.lr.reference_batch or batch)
         return self.lr_schedule(self.progress.value(s.lr.unit)) * scale * self.lr_factor
 
@@ -364,7 +366,7 @@ class Trainer:
             from regimen.checkpoint import export_safetensors
 
             export_safetensors(self, self.run_dir / "model.safetensors")
-        if writer:
+        if writer and self.run_dir is not None:
             writer.close()
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if tb:

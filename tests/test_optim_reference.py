@@ -68,7 +68,9 @@ def _problem() -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
     return theta, grads
 
 
-def reference(name: str, hp: dict[str, Any], theta0: dict[str, np.ndarray], grads: list[dict[str, np.ndarray]], slip: str = "") -> list[dict[str, np.ndarray]]:
+def reference(
+    name: str, hp: dict[str, Any], theta0: dict[str, np.ndarray], grads: list[dict[str, np.ndarray]], slip: str = ""
+) -> list[dict[str, np.ndarray]]:
     """The parameters after each step, by DESIGN.md's formulas; `slip` injects a known mistake."""
     lr = hp["lr"]
     wd = hp.get("weight_decay", 0.0)
@@ -152,7 +154,7 @@ def test_matches_numpy_formula(name: str, implementation: str) -> None:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_implementation_is_what_was_asked(name: str) -> None:
-    """"auto" is fused on CPU where torch has it (else foreach); "loop" is neither."""
+    """ "auto" is fused on CPU where torch has it (else foreach); "loop" is neither."""
     auto = build_optimizer(Raw(np.zeros((2, 2)), np.zeros(2)), OptimizerConfig(name=name, implementation="auto", **CASES[name]))
     loop = build_optimizer(Raw(np.zeros((2, 2)), np.zeros(2)), OptimizerConfig(name=name, implementation="loop", **CASES[name]))
     if name in FUSED_ON_CPU:

@@ -40,9 +40,7 @@ def _by_decay(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[set[str], s
 
 def _hidden_matrices(model: GPT) -> set[str]:
     """The 2-D Linear weights inside the transformer blocks."""
-    return {
-        f"blocks.{i}.{name}.weight" for i in range(len(model.blocks)) for name in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")
-    }
+    return {f"blocks.{i}.{name}.weight" for i in range(len(model.blocks)) for name in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")}
 
 
 def _assert_each_once(model: nn.Module, opt: torch.optim.Optimizer) -> None:

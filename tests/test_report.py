@@ -282,12 +282,23 @@ def test_noise_scale_figure(tmp_path: Path) -> None:
 
 def test_single_run_page(tmp_path: Path) -> None:
     path = make_run(tmp_path / "solo", random_batch=True)
+    summary = json.loads((path / "summary.json").read_text())
+    events = [{"event": "skip", "step": 7}, {"event": "skip", "step": 8}, {"event": "rollback", "step": 8, "to_step": 5}]
+    (path / "summary.json").write_text(json.dumps({**summary, "events": events, "val_accuracy": 0.5}))
     report = write_report([path], path, target_loss=3.0)
     assert report == path / "report.html"
     page = check_self_contained(report)
     assert {img["src"] for img in page.all("img")} == {"loss.png", "loss_progress.png", "batch.png"}
     text = report.read_text()
-    for needle in ("best val loss", "unigram entropy", "812 MB", "[optimizer]", "time to ≤ 3.0000", "finished"):
+    for needle in (
+        "best val loss",
+        "unigram entropy",
+        "812 MB",
+        "[optimizer]",
+        "time to ≤ 3.0000",
+        "finished",
+        "2 steps skipped, 1 rollback",
+    ):
         assert needle in text
     keys = {tr["data-key"] for tr in page.all("tr") if "data-key" in tr}
     assert {"optimizer.lr", "lr.schedule", "batch.size"} <= keys

@@ -24,7 +24,9 @@ def test_overrides_parse_toml_values():
 
 
 def test_toml_round_trip(tmp_path):
-    s = Strategy.load(None, ["optimizer.name=sgd", "optimizer.momentum=0.9", "batch.schedule=ramp", "batch.start=8", "batch.span=100"]).resolve()
+    s = Strategy.load(
+        None, ["optimizer.name=sgd", "optimizer.momentum=0.9", "batch.schedule=ramp", "batch.start=8", "batch.span=100"]
+    ).resolve()
     path = tmp_path / "s.toml"
     s.save(path)
     again = Strategy.from_dict(read_toml(path))

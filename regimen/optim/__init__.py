@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -77,7 +77,7 @@ OWN = ("lion", "lamb", "lars", "schedulefree_adamw", "schedulefree_sgd")
 NAMES = (*_TORCH, "muon", *OWN)
 
 
-def _implementation(name: str, choice: str, params: list[torch.Tensor]) -> dict[str, Any]:
+def _implementation(name: str, choice: str, params: Sequence[torch.Tensor]) -> dict[str, Any]:
     if choice == "loop":
         return {"foreach": False} if name in _FOREACH else {}
     fused_ok = name in _FUSED and all(p.device.type in ("cpu", "cuda") for p in params)
@@ -149,12 +149,12 @@ class CombinedOptimizer(torch.optim.Optimizer):
         self._optimizer_step_pre_hooks: dict = {}
         self._optimizer_step_post_hooks: dict = {}
 
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
         return [g for o in self.optimizers for g in o.param_groups]
 
-    @property  # type: ignore[override]
-    def state(self) -> dict:
+    @property
+    def state(self) -> dict:  # type: ignore[override]
         return {k: v for o in self.optimizers for k, v in o.state.items()}
 
     @torch.no_grad()

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -56,13 +57,14 @@ def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     output = {id(linears[-1].weight)} if linears else set()
     excluded = _params_of(model, _NO_DECAY_MODULES) | output
-    hidden, rest = [], []
+    hidden: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
     for _, p in _unique_params(model):
         (hidden if p.ndim == 2 and id(p) not in excluded else rest).append(p)
     return hidden, rest
 
 
-def split_decay(params: list[torch.Tensor], model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict[str, Any]]:
+def split_decay(params: Sequence[torch.Tensor], model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict[str, Any]]:
     """Groups over a subset of the model's parameters, with the same decay rule."""
     if decay_all or weight_decay == 0:
         return [{"params": params, "weight_decay": weight_decay}] if params else []

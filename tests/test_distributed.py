@@ -1,0 +1,274 @@
+"""Real 2-process jobs on loopback (gloo): DDP and FSDP2 train exactly like one process.
+
+DESIGN.md, principle 2: the gradient is the mean over the global batch however it is split,
+over ranks or micro-batches. So the built-in GPT trained for 20 steps on a global batch of 16
+as 1 process, as 2 DDP processes and as 2 FSDP2 processes logs the same loss at every step and
+ends with the same parameters (float32, 1e-5 relative). Every job is the real command:
+`regimen train --nproc 2` (which starts torchrun) or two torchrun agents joined by a c10d
+rendezvous on 127.0.0.1 ("two nodes").
+
+Splits checked against one process:
+- `fixed`: each rank runs its half of the batch in one go;
+- `micro`: each rank runs its half in micro-batches of 2 (no gradient sync but on the last),
+  against the same one-process run without micro-batches;
+- `random`: B_t drawn per step in [4, 24]. Sizes are rounded to micro-batch x world size, so
+  the one-process reference runs micro-batches of 2 to draw the very same B_t as 2 ranks.
+The DDP `random` and `micro` jobs also estimate the gradient noise scale (the two code paths:
+each rank's share, and the first micro-batch, as the small batch): measuring must not change
+training, and it saves two jobs.
+
+Jobs are shared between tests (module scope) and run once each; every one has a wall-clock
+limit and runs in its own process group, so a hung job is killed whole and fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT
+from tests.failing_model import MESSAGE
+
+pytestmark = pytest.mark.slow
+
+STEPS = 20
+RTOL = 1e-5
+JOB_TIMEOUT = 240.0  # seconds; a 20-step job takes ~10 s on an idle 2-core machine
+
+# The built-in GPT, small: 2 blocks so that FSDP2 shards more than one unit.
+SMALL = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.d_model=32",
+    "model.context=16",
+    "batch.size=16",
+    f"train.steps={STEPS}",
+    "train.log_every=1",
+    "train.eval_every=1000",  # evaluated once, at the end
+    "train.eval_samples=32",
+    "observe.progress=none",
+    "observe.report=false",
+]
+RANDOM = ["batch.schedule=random", "batch.min=4", "batch.max=24"]
+NOISE = ["observe.noise_scale=true"]
+
+# 2-process jobs: (extra overrides, the 1-process reference they must match).
+PARITY = {
+    "fixed": ([], "ref-fixed"),
+    "micro": (["batch.micro=2"], "ref-fixed"),
+    "random": (RANDOM, "ref-random"),
+}
+REFERENCES = {"ref-fixed": [], "ref-random": [*RANDOM, "batch.micro=2"]}
+
+
+@dataclass
+class Job:
+    """A finished command: exit code, combined output, wall time and its run directory."""
+
+    returncode: int
+    output: str
+    seconds: float
+    run_dir: Path
+
+    def ok(self) -> Job:
+        assert self.returncode == 0, f"exit {self.returncode} after {self.seconds:.0f} s:\n{self.output[-6000:]}"
+        return self
+
+    def rows(self) -> list[dict]:
+        return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    def summary(self) -> dict:
+        return json.loads((self.run_dir / "summary.json").read_text())
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.run_dir / "model.safetensors"))
+
+
+def _env(**extra: str) -> dict[str, str]:
+    # One thread per process: 1- and 2-process jobs compute alike and 2 ranks do not fight
+    # over 2 cores. A short collective timeout: nothing here may wait 5 minutes for a lost rank.
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "REGIMEN_DIST_TIMEOUT": "60", **extra}
+
+
+def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    # A session of its own, so a timeout can kill torchrun and every worker it started.
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"job still running after {timeout:.0f} s (a hung rank?):\n{out[-6000:]}")
+    return proc.returncode, out
+
+
+def run_job(args: list[str], run_dir: Path, timeout: float = JOB_TIMEOUT, **env: str) -> Job:
+    """`python -m regimen train ARGS --run-dir RUN_DIR`, bounded by `timeout`."""
+    t0 = time.perf_counter()
+    proc = _start([sys.executable, "-m", "regimen", "train", *args, "--run-dir", str(run_dir)], _env(**env))
+    code, out = _finish(proc, timeout)
+    return Job(code, out, time.perf_counter() - t0, run_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Jobs:
+    """Each named job runs once, on first use, and is shared by every test that needs it."""
+
+    def __init__(self, root: Path, base: list[str]) -> None:
+        self.root, self.base, self.done = root, base, {}
+
+    def get(self, name: str) -> Job:
+        if name not in self.done:
+            self.done[name] = self._run(name)
+        return self.done[name]
+
+    def _run(self, name: str) -> Job:
+        if name in REFERENCES:
+            return run_job([*self.base, *REFERENCES[name]], self.root / name).ok()
+        split, mode = name.split("-")  # e.g. "micro-ddp"
+        extra = PARITY[split][0] + (NOISE if mode == "ddp" and split != "fixed" else [])
+        return run_job([*self.base, *extra, f"parallel.mode={mode}", "--nproc", "2"], self.root / name).ok()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 kB of real text (the standard library's first modules): loads at once, unlike the whole stdlib."""
+    src = Path(sysconfig.get_paths()["stdlib"])
+    data = b"".join(p.read_bytes() for p in sorted(src.glob("*.py"))[:60])[:300_000]
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(corpus: Path) -> list[str]:
+    return [*SMALL, f"data.source=text:{corpus}"]
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory: pytest.TempPathFactory, base: list[str]) -> Jobs:
+    return Jobs(tmp_path_factory.mktemp("runs"), base)
+
+
+def assert_same_training(got: Job, want: Job, rtol: float = RTOL) -> None:
+    """Same batch sizes, the loss at every step, the final val loss and parameters within `rtol`."""
+    rows, ref = got.rows(), want.rows()
+    assert [r["step"] for r in rows] == [r["step"] for r in ref] == list(range(1, STEPS + 1))
+    assert [r["batch_size"] for r in rows] == [r["batch_size"] for r in ref]
+    for r, w in zip(rows, ref):
+        assert r["loss"] == pytest.approx(w["loss"], rel=rtol), f"step {r['step']}: loss {r['loss']} vs {w['loss']}"
+    assert rows[-1]["val_loss"] == pytest.approx(ref[-1]["val_loss"], rel=rtol)
+    weights, ref_weights = got.weights(), want.weights()
+    assert weights.keys() == ref_weights.keys()
+    for name, w in ref_weights.items():
+        # Relative to the tensor's scale: an entry near zero has no meaningful relative error.
+        err = (weights[name] - w).abs().max().item() / w.abs().max().item()
+        assert err <= rtol, f"{name}: max |diff| / max |w| = {err:.2e}"
+
+
+# ---- parity --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("split", list(PARITY))
+def test_two_processes_train_like_one(jobs: Jobs, split: str, mode: str) -> None:
+    job = jobs.get(f"{split}-{mode}")
+    assert_same_training(job, jobs.get(PARITY[split][1]))
+
+
+def test_random_schedule_varies_the_batch(jobs: Jobs) -> None:
+    """The random parity test means something only if B_t actually changes (and stays even)."""
+    sizes = [r["batch_size"] for r in jobs.get("random-ddp").rows()]
+    assert len(set(sizes)) > 3 and all(4 <= b <= 24 and b % 2 == 0 for b in sizes), sizes
+
+
+def test_two_nodes_on_loopback(jobs: Jobs, base: list[str], tmp_path: Path) -> None:
+    """Two torchrun agents (one process each) meet at a c10d rendezvous and train like `--nproc 2`."""
+    run_dir, endpoint = tmp_path / "run", f"127.0.0.1:{free_port()}"
+    agents = []
+    t0 = time.perf_counter()
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "loopback", "--node-rank", str(node)]
+        cmd += ["-m", "regimen", "train", *base, "parallel.mode=ddp", "--run-dir", str(run_dir)]
+        agents.append(_start(cmd, _env()))
+    results = [_finish(a, JOB_TIMEOUT) for a in agents]
+    output = "\n".join(out for _, out in results)
+    job = Job(max(code for code, _ in results), output, time.perf_counter() - t0, run_dir).ok()
+    assert_same_training(job, jobs.get("fixed-ddp"))
+    assert job.summary()["world_size"] == 2
+
+
+# ---- only rank 0 writes; the job's totals --------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_rank0_writes_once_and_reports_world_size(jobs: Jobs, mode: str) -> None:
+    job, ref = jobs.get(f"fixed-{mode}"), jobs.get("ref-fixed")
+    lines = (job.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines)) == STEPS
+    assert all(r["world_size"] == 2 for r in job.rows())
+    summary = summary_ref = job.summary(), ref.summary()
+    summary, summary_ref = summary_ref
+    assert summary["world_size"] == 2 and summary_ref["world_size"] == 1
+    # Samples, tokens and tokens/s count the whole job, not one rank's share.
+    assert (summary["samples"], summary["tokens"]) == (summary_ref["samples"], summary_ref["tokens"]) == (16 * STEPS, 16 * 16 * STEPS)
+    assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["wall_time"], rel=1e-6)
+    assert job.output.count("regimen: finished") == 1, job.output  # one summary, from rank 0
+    assert "on 2 processes" in job.output
+
+
+# ---- the noise-scale estimator under DDP ---------------------------------------------------
+
+
+@pytest.mark.parametrize("split", ["random", "micro"])
+def test_noise_scale_under_ddp(jobs: Jobs, split: str) -> None:
+    """Each rank's share (random: one micro-batch) or first micro-batch (micro=2) is the small batch."""
+    rows = jobs.get(f"{split}-ddp").rows()
+    values = [r["noise_scale"] for r in rows if "noise_scale" in r]
+    assert values, "no noise_scale logged"
+    assert all(math.isfinite(v) for v in values)
+    assert rows[-1].get("noise_scale", 0) > 0, values
+
+
+# ---- faults: a failing or stuck rank ends the job, non-zero, in bounded time ----------------
+
+
+def _failing(base: list[str], mode: str) -> list[str]:
+    model = ["model.name=tests.failing_model:factory", f'model.kwargs={{mode = "{mode}", rank = 1, step = 3, context = 16}}']
+    return [*base, *model, "parallel.mode=ddp", "--nproc", "2"]
+
+
+def test_failing_rank_fails_the_job_with_its_error(base: list[str], tmp_path: Path) -> None:
+    job = run_job(_failing(base, "raise"), tmp_path / "run", timeout=120, REGIMEN_DIST_TIMEOUT="20")
+    assert job.returncode != 0, job.output
+    assert f"{MESSAGE} on rank 1 at step 3" in job.output, job.output[-6000:]
+    assert not (job.run_dir / "model.safetensors").exists()
+
+
+def test_stuck_rank_times_out_instead_of_hanging(base: list[str], tmp_path: Path) -> None:
+    """Rank 1 blocks forever at step 3: rank 0's collective gives up after REGIMEN_DIST_TIMEOUT."""
+    job = run_job(_failing(base, "hang"), tmp_path / "run", timeout=120, REGIMEN_DIST_TIMEOUT="10")
+    assert job.returncode != 0, job.output
+    assert "Timed out" in job.output or "timed out" in job.output, job.output[-6000:]
