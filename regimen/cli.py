@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     *args.run_dirs,
                     *(["--out", args.out] if args.out else []),
-                    *(["--target-loss", str(args.target_loss)] if args.target_loss else []),
+                    *(["--target-loss", str(args.target_loss)] if args.target_loss is not None else []),
                 ]
             )
         raise AssertionError(args.command)

@@ -18,7 +18,7 @@ from regimen.strategy import Strategy
 
 def format_summary(summary: dict[str, Any], run_dir: Path | None) -> str:
     """The one-screen summary printed at the end of a run."""
-    per = "nats/byte" if summary.get("unigram_entropy") is not None else "nats"
+    per = summary.get("loss_unit", "nats")
     lines = [
         f"regimen: finished {summary['steps']} steps, {summary['samples']:,} samples, {summary['tokens']:,} tokens "
         f"in {summary['wall_time']:.1f} s on {summary['world_size']} process{'es' if summary['world_size'] > 1 else ''}",
@@ -73,5 +73,4 @@ def run_training(strategy: Strategy, run_dir: str | Path | None, resume: str | N
 def _write_plots(run_dir: Path) -> None:
     from regimen import report
 
-    report.plot_run(run_dir)
-    report.write_report([run_dir], run_dir)
+    report.write_report([run_dir], run_dir)  # draws loss.png (and batch.png) too

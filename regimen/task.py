@@ -99,7 +99,7 @@ class Task:
 
     def forward(self, batch: Any, model: nn.Module | None = None) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
         """(mean loss over the batch, model output, target) for one batch."""
-        model = model or self.model
+        model = model if model is not None else self.model  # (a compiled module has no truth value)
         if isinstance(batch, Mapping):
             out = model(**batch)
             target = batch.get("labels")

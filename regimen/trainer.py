@@ -48,7 +48,7 @@ from regimen.optim import build_optimizer, set_train_mode
 from regimen.progress import Progress, Unit
 from regimen.schedules import budget_reached, build_batch_schedule, build_lr_schedule, lr_batch_scale, simulate_budget
 from regimen.strategy import Strategy
-from regimen.task import Task, build_task
+from regimen.task import Task, build_task, mse
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -406,6 +406,11 @@ class Trainer:
             row["noise_scale"] = self.noise.noise_scale
         return row
 
+    def _loss_unit(self) -> str:
+        if self.data.tokens_per_sample > 1:
+            return "nats/byte" if self.data.unigram_entropy is not None else "nats/token"
+        return "nats/sample" if self.task.loss is not mse else "squared error"
+
     def _eval_line(self, row: dict[str, Any]) -> str:
         extras = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_"))
         return f"step {row['step']:>6}  eval: {extras}"
@@ -459,6 +464,7 @@ class Trainer:
             "best_val_loss": min(vals) if vals else None,
             **{k: v for k, v in last.items() if k.startswith("val_") and k != "val_loss"},
             "unigram_entropy": self.data.unigram_entropy,
+            "loss_unit": self._loss_unit(),
             "wall_time": self.elapsed,
             "tokens_per_s": self.progress.tokens / max(self.elapsed, 1e-9),
             "peak_memory_mb": last.get("peak_memory_mb"),

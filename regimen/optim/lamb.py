@@ -14,7 +14,7 @@ The reference version is `regimen.optim.reference.LAMBReference`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.optim import Optimizer
@@ -81,7 +81,9 @@ class LAMB(Optimizer):
             beta1, beta2 = group["betas"]
             bias1, bias2 = 1.0 - beta1**t, 1.0 - beta2**t
             grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs])
-            for (p_list, g_list, m_list, v_list), _ in grouped.values():
+            for lists, _ in grouped.values():
+                # torch types the buckets as list[Tensor | None]; these lists hold no None.
+                p_list, g_list, m_list, v_list = cast("list[list[torch.Tensor]]", lists)
                 torch._foreach_lerp_(m_list, g_list, 1.0 - beta1)
                 torch._foreach_mul_(v_list, beta2)
                 torch._foreach_addcmul_(v_list, g_list, g_list, value=1.0 - beta2)

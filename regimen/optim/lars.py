@@ -19,7 +19,7 @@ The reference version is `regimen.optim.reference.LARSReference`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.optim import Optimizer
@@ -101,8 +101,10 @@ class LARS(Optimizer):
             for lists, adapt in ((adapted, True), (excluded, False)):
                 if not lists[0]:
                     continue
-                grouped = Optimizer._group_tensors_by_device_and_dtype(list(lists))
-                for (p_list, g_list, v_list), _ in grouped.values():
+                # torch types the tensor lists as list[Tensor | None]; these hold no None.
+                grouped = Optimizer._group_tensors_by_device_and_dtype(cast("list[list[torch.Tensor | None]]", list(lists)))
+                for bucket, _ in grouped.values():
+                    p_list, g_list, v_list = cast("list[list[torch.Tensor]]", bucket)
                     _lars_update(p_list, g_list, v_list, group, adapt)
         return loss
 
@@ -114,7 +116,7 @@ def _lars_update(
     lr, momentum, nesterov = group["lr"], group["momentum"], group["nesterov"]
     # scaled = local_lr * (g + wd*theta), a fresh list so the gradients are left untouched;
     # for excluded tensors (local_lr = 1, wd = 0) it is the gradient itself, no copy.
-    scaled = g_list
+    scaled: list[torch.Tensor] | tuple[torch.Tensor, ...] = g_list
     if adapt:
         wd = group["weight_decay"]
         # The trust ratios stay on the device (no host sync); torch.where applies "1 when a norm is 0".

@@ -12,7 +12,7 @@ coordinate is +-lr, so Lion wants an lr 3-10x smaller than AdamW's and a weight 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.optim import Optimizer
@@ -70,7 +70,9 @@ class Lion(Optimizer):
             lr, wd = group["lr"], group["weight_decay"]
             beta1, beta2 = group["betas"]
             grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs])
-            for (p_list, g_list, m_list), _ in grouped.values():
+            for lists, _ in grouped.values():
+                # torch types the buckets as list[Tensor | None]; these lists hold no None.
+                p_list, g_list, m_list = cast("list[list[torch.Tensor]]", lists)
                 # c = b1*m + (1-b1)*g is lerp(m, g, 1-b1); only its sign is used.
                 update = torch._foreach_lerp(m_list, g_list, 1.0 - beta1)
                 torch._foreach_sign_(update)

@@ -20,7 +20,7 @@ class LionReference(Optimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self) -> None:  # type: ignore[override]  # no closure: these are test references
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             beta1, beta2 = group["betas"]
@@ -46,7 +46,7 @@ class LAMBReference(Optimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self) -> None:  # type: ignore[override]  # no closure: these are test references
         for group in self.param_groups:
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
             beta1, beta2 = group["betas"]
@@ -96,7 +96,7 @@ class LARSReference(Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self) -> None:  # type: ignore[override]  # no closure: these are test references
         for group in self.param_groups:
             lr, mu, eta, eps = group["lr"], group["momentum"], group["trust_coefficient"], group["eps"]
             for theta in group["params"]:
@@ -148,7 +148,7 @@ class _ScheduleFreeReference(Optimizer):
             group["train_mode"] = True
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self) -> None:  # type: ignore[override]  # no closure: these are test references
         for group in self.param_groups:
             if not group["train_mode"]:
                 raise RuntimeError("step() in eval mode")

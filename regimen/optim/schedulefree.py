@@ -28,10 +28,13 @@ The reference versions are `regimen.optim.reference.ScheduleFreeSGDReference` an
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import torch
 from torch.optim import Optimizer
+
+# What torch's foreach ops accept; the out-of-place ones are typed as returning a tuple.
+_Tensors: TypeAlias = list[torch.Tensor] | tuple[torch.Tensor, ...]
 
 
 class _ScheduleFree(Optimizer):
@@ -46,9 +49,7 @@ class _ScheduleFree(Optimizer):
     def _beta(self, group: dict[str, Any]) -> float:
         raise NotImplementedError
 
-    def _direction(
-        self, group: dict[str, Any], y: list[torch.Tensor], g: list[torch.Tensor], extra: list[list[torch.Tensor]]
-    ) -> list[torch.Tensor]:
+    def _direction(self, group: dict[str, Any], y: list[torch.Tensor], g: list[torch.Tensor], extra: list[list[torch.Tensor]]) -> _Tensors:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -71,7 +72,9 @@ class _ScheduleFree(Optimizer):
             params = [p for p in group["params"] if "z" in self.state[p]]
             zs = [self.state[p]["z"] for p in params]
             if params:
-                for (p_list, z_list), _ in Optimizer._group_tensors_by_device_and_dtype([params, zs]).values():
+                for bucket, _ in Optimizer._group_tensors_by_device_and_dtype([params, zs]).values():
+                    # torch types the buckets as list[Tensor | None]; these lists hold no None.
+                    p_list, z_list = cast("list[list[torch.Tensor]]", bucket)
                     torch._foreach_lerp_(p_list, z_list, weight(self._beta(group)))
             group["train_mode"] = train
 
@@ -121,8 +124,10 @@ class _ScheduleFree(Optimizer):
                 continue
 
             beta = self._beta(group)
-            grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, zs, *extras])
-            for (y_list, g_list, z_list, *extra_lists), _ in grouped.values():
+            # torch types the tensor lists as list[Tensor | None]; these hold no None.
+            grouped = Optimizer._group_tensors_by_device_and_dtype(cast("list[list[torch.Tensor | None]]", [params, grads, zs, *extras]))
+            for bucket, _ in grouped.values():
+                y_list, g_list, z_list, *extra_lists = cast("list[list[torch.Tensor]]", bucket)
                 d = self._direction(group, y_list, g_list, extra_lists)
                 # y and x move together without storing x (substitute x = (y - (1-beta) z)/beta
                 # into the three updates of the module docstring):
@@ -190,9 +195,7 @@ class ScheduleFreeSGD(_ScheduleFree):
     def _beta(self, group: dict[str, Any]) -> float:
         return group["momentum"]
 
-    def _direction(
-        self, group: dict[str, Any], y: list[torch.Tensor], g: list[torch.Tensor], extra: list[list[torch.Tensor]]
-    ) -> list[torch.Tensor]:
+    def _direction(self, group: dict[str, Any], y: list[torch.Tensor], g: list[torch.Tensor], extra: list[list[torch.Tensor]]) -> _Tensors:
         # d = g + wd*y (weight decay at y, as the official code); the gradient itself when wd = 0,
         # which is safe because d is only read afterwards.
         wd = group["weight_decay"]
@@ -247,9 +250,7 @@ class ScheduleFreeAdamW(_ScheduleFree):
     def _beta(self, group: dict[str, Any]) -> float:
         return group["betas"][0]
 
-    def _direction(
-        self, group: dict[str, Any], y: list[torch.Tensor], g: list[torch.Tensor], extra: list[list[torch.Tensor]]
-    ) -> list[torch.Tensor]:
+    def _direction(self, group: dict[str, Any], y: list[torch.Tensor], g: list[torch.Tensor], extra: list[list[torch.Tensor]]) -> _Tensors:
         (v,) = extra
         beta2 = group["betas"][1]
         # `k` was already advanced by step(): it is t, the number of gradients seen.

@@ -1,0 +1,358 @@
+"""A killed run ends where the uninterrupted run would have: real processes, real SIGKILLs.
+
+Each test trains a tiny GPT with `python -m regimen train`, SIGKILLs the whole job (its process
+group: the CLI, torchrun and every worker, as a lost machine would) at chosen points, resumes
+with `--resume auto`, and compares the final `model.safetensors` bit for bit and the logged rows
+step for step with an uninterrupted run of the same strategy.
+
+Every resumed attempt must say which checkpoint it resumed from: a run that silently started
+over would also end bit-identical (training is deterministic), so the message is what proves
+the resume happened.
+
+The subprocesses run with OMP_NUM_THREADS=1: a thread count is part of the floating-point
+environment (it changes reduction order), and one thread is also the fastest on a busy 2-core
+machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, TINY_GPT
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+STEPS, EVERY = 30, 5
+# Row keys that must match exactly; time, throughput and memory legitimately differ.
+COMPARED = ("step", "samples", "tokens", "loss", "lr", "batch_size", "grad_norm", "val_loss", "world_size")
+
+
+# ---- helpers: start, watch and kill a real job ------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200 kB of real Python source: loads in milliseconds, unlike the whole standard library."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    data = b"\n".join(p.read_bytes() for p in sorted(root.glob("*.py"))[:40])[:200_000]
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_bytes(data)
+    return path
+
+
+def strategy_args(corpus: Path, *extra: str, steps: int = STEPS) -> list[str]:
+    """The tiny GPT with dropout (so the RNG state must be restored), logging every step."""
+    return [
+        *TINY_GPT,
+        "model.dropout=0.1",
+        f"data.source=text:{corpus}",
+        f"train.steps={steps}",
+        "train.log_every=1",
+        "train.eval_every=10",
+        f"checkpoint.every={EVERY}",
+        "observe.progress=lines",
+        "observe.report=false",
+        *extra,
+    ]
+
+
+class Job:
+    """`python -m regimen train ...` in its own session, output to a log file."""
+
+    def __init__(self, args: list[str], run_dir: Path, log: Path) -> None:
+        self.log = log
+        self.run_dir = run_dir
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "regimen", "train", *args, "--run-dir", str(run_dir)],
+                cwd=ROOT,
+                env=ENV,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: one killpg reaches torchrun's workers too
+            )
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_until(self, condition: Callable[[], bool], what: str, timeout: float = 240) -> None:
+        """Poll every 2 ms (a save takes tens of ms) until `condition()`; fail if the job ends first."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                pytest.fail(f"the job ended (rc {self.proc.returncode}) before {what}:\n{self.text()[-3000:]}")
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"timed out waiting for {what}:\n{self.text()[-3000:]}")
+            time.sleep(0.002)
+
+    def logged_step(self, step: int) -> Callable[[], bool]:
+        pattern = re.compile(rf"^step\s+{step}\s+loss", re.MULTILINE)
+        return lambda: pattern.search(self.text()) is not None
+
+    def saving(self, step: int) -> Callable[[], bool]:
+        """True once the save of `step` has begun writing into its temporary directory."""
+        tmp = self.run_dir / "checkpoints" / f".tmp-step-{step:08d}"
+
+        def started() -> bool:
+            try:
+                return any(tmp.iterdir())
+            except OSError:
+                return False
+
+        return started
+
+    def kill(self) -> None:
+        """SIGKILL the whole job: no handler runs, no file is closed cleanly."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def finish(self, timeout: float = 300) -> str:
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"the job did not finish:\n{self.text()[-3000:]}")
+        assert rc == 0, self.text()[-3000:]
+        return self.text()
+
+
+def train(args: list[str], run_dir: Path, log: Path) -> str:
+    return Job(args, run_dir, log).finish()
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def compared_rows(run_dir: Path) -> list[dict]:
+    return [{k: r.get(k) for k in COMPARED} for r in rows(run_dir)]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not differ, f"parameters differ: {differ}"
+
+
+def assert_resumed_from(log: str, step: int) -> None:
+    assert "resuming from " in log and f"step-{step:08d} (step {step})" in log, log[-3000:]
+
+
+def latest_step(run_dir: Path) -> int:
+    from regimen.checkpoint import latest_checkpoint
+
+    found = latest_checkpoint(run_dir)
+    assert found is not None, "no complete checkpoint before the kill"
+    return int(found.name.split("-")[1])
+
+
+# ---- bit-exact resume after three SIGKILLs ---------------------------------------------------
+
+KINDS = {
+    "fixed": [],
+    "random": ["batch.schedule=random", "batch.min=4", "batch.max=16"],
+    "ddp": ["parallel.mode=ddp", "--nproc", "2"],
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The uninterrupted run of each kind, trained once per module (the elastic test reuses ddp)."""
+    done: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in done:
+            run = tmp_path_factory.mktemp(f"uninterrupted-{kind}") / "run"
+            train(strategy_args(corpus, *KINDS[kind]), run, run.parent / "log.txt")
+            done[kind] = run
+        return done[kind]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_sigkilled_three_times_resumes_bit_exact(kind: str, corpus: Path, tmp_path: Path, uninterrupted: Callable[[str], Path]) -> None:
+    """Killed between saves, during a save, and again later: same weights, same rows, no duplicates."""
+    reference = uninterrupted(kind)
+    args = strategy_args(corpus, *KINDS[kind])
+    run = tmp_path / "run"
+
+    # 1. A fresh run, killed between saves (after the first checkpoint, at step 5).
+    job = Job(args, run, tmp_path / "log1.txt")
+    job.wait_until(job.logged_step(7), "step 7")
+    job.kill()
+    resume_at = latest_step(run)
+
+    # 2. Resumed, then killed while it writes the checkpoint of step 15.
+    job = Job([*args, "--resume", "auto"], run, tmp_path / "log2.txt")
+    job.wait_until(job.saving(15), "the save of step 15")
+    job.kill()
+    assert_resumed_from(job.text(), resume_at)
+    checkpoints = run / "checkpoints"
+    # The kill landed mid-save: the partial save is there, never renamed into place.
+    assert (checkpoints / ".tmp-step-00000015").is_dir() and not (checkpoints / "step-00000015").exists()
+    resume_at = latest_step(run)
+    assert resume_at == 10
+
+    # 3. Resumed past the interrupted save (it must be skipped with a warning), killed again.
+    job = Job([*args, "--resume", "auto"], run, tmp_path / "log3.txt")
+    job.wait_until(job.logged_step(22), "step 22")
+    job.kill()
+    log = job.text()
+    assert_resumed_from(log, 10)
+    assert "skipping incomplete checkpoint" in log and ".tmp-step-00000015" in log
+    resume_at = latest_step(run)
+
+    # 4. Resumed to the end.
+    log = train([*args, "--resume", "auto"], run, tmp_path / "log4.txt")
+    assert_resumed_from(log, resume_at)
+
+    assert_same_weights(run, reference)
+    got, want = compared_rows(run), compared_rows(reference)
+    steps = [r["step"] for r in got]
+    assert steps == sorted(set(steps)), f"duplicated or unordered steps: {steps}"
+    assert got == want
+    assert len(want) == STEPS and sum("val_loss" in r for r in rows(run)) == 3
+
+
+# ---- resharding: a 2-process FSDP2 checkpoint continues on 1 process --------------------------
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_on_one_process(corpus: Path, tmp_path: Path) -> None:
+    """DCP reshards the 2 ranks' shards onto 1 process; the losses follow the 2-process run."""
+    # No dropout: with 2 ranks, half of each batch used rank 1's RNG, which 1 process lacks.
+    args = [*strategy_args(corpus, steps=20), "model.dropout=0.0", "checkpoint.every=10", "checkpoint.keep=5", "parallel.mode=fsdp"]
+    two = tmp_path / "two"
+    train([*args, "--nproc", "2"], two, tmp_path / "two.txt")
+    shards = sorted(p.name for p in (two / "checkpoints" / "step-00000010").glob("*.distcp"))
+    assert len(shards) == 2, f"expected one shard file per rank: {shards}"
+
+    one = tmp_path / "one"
+    log = train([*args, "--resume", str(two / "checkpoints" / "step-00000010")], one, tmp_path / "one.txt")
+    assert_resumed_from(log, 10)
+    continued = {r["step"]: r for r in rows(one)}
+    reference = {r["step"]: r for r in rows(two)}
+    assert sorted(continued) == list(range(11, 21))
+    assert {r["world_size"] for r in continued.values()} == {1}
+    for step in range(11, 21):
+        assert continued[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5), step
+        assert continued[step]["samples"] == reference[step]["samples"]
+
+
+# ---- elastic: a worker dies, torchrun restarts the group, the run ends where it would have ----
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc (no psutil on these machines)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # The command name may hold spaces and parentheses: fields start after the last ')'.
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _worker_of_rank(root: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK=`rank` among the descendants of `root`."""
+    stack = [root]
+    while stack:
+        pid = stack.pop()
+        for child in _children(pid):
+            try:
+                env = (Path("/proc") / str(child) / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b" ".join(env):
+                return child
+            stack.append(child)
+    return None
+
+
+@pytest.mark.slow
+def test_elastic_restart_after_a_worker_is_killed(corpus: Path, tmp_path: Path, uninterrupted: Callable[[str], Path]) -> None:
+    """`--nproc 2 --max-restarts 2`: SIGKILL rank 1; the restarted group resumes by itself."""
+    reference = uninterrupted("ddp")
+    run = tmp_path / "run"
+    job = Job([*strategy_args(corpus, *KINDS["ddp"]), "--max-restarts", "2"], run, tmp_path / "log.txt")
+    job.wait_until(job.logged_step(12), "step 12")
+    worker = _worker_of_rank(job.proc.pid, rank=1)
+    assert worker is not None, "no worker with RANK=1 under the job"
+    os.kill(worker, signal.SIGKILL)
+    log = job.finish()
+    # The restarted workers were given --resume auto and took the existing run directory.
+    assert_resumed_from(log, 10)
+    assert "exists; pass --resume" not in log
+    assert_same_weights(run, reference)
+    assert compared_rows(run) == compared_rows(reference)
+
+
+# ---- in-process: stateful strategies resume exactly (no kill, many strategies, cheap) --------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["optimizer.name=schedulefree_adamw"],
+        ["optimizer.name=muon", "optimizer.lr=0.02"],
+        ["batch.schedule=adaptive", "batch.size=8", "batch.every=2", "batch.min=4", "batch.max=32", "batch.micro=4"],
+        ["observe.noise_scale=true", "lr.schedule=wsd", "lr.unit=samples"],
+    ],
+    ids=["schedulefree", "muon", "adaptive-batch", "noise-scale-wsd"],
+)
+def test_resume_is_exact_for_stateful_strategies(extra: list[str], corpus: Path, tmp_path: Path) -> None:
+    """Optimizer modes, estimator averages and the adaptive batch all travel in the checkpoint."""
+    from regimen.checkpoint import resume_trainer
+    from regimen.strategy import Strategy
+    from regimen.task import build_task
+    from regimen.trainer import Trainer
+
+    overrides = [*strategy_args(corpus, steps=12), "observe.progress=none", "checkpoint.every=4", *extra]
+
+    class Crash(Exception):
+        pass
+
+    def crash_at(step: int) -> Callable[[dict], None]:
+        def callback(row: dict) -> None:
+            if row["step"] == step:
+                raise Crash  # the process "dies" mid-run: the checkpoint of step 8 is the last one
+
+        return callback
+
+    def trainer(run_dir: Path, crash: int | None = None) -> Trainer:
+        s = Strategy.load(None, overrides)
+        return Trainer(s, build_task(s.resolve()), run_dir, callbacks=[crash_at(crash)] if crash else [])
+
+    trainer(tmp_path / "a").fit()
+    with pytest.raises(Crash):
+        trainer(tmp_path / "b", crash=10).fit()
+    resumed = trainer(tmp_path / "b")
+    assert resume_trainer(resumed, tmp_path / "b", "auto") == tmp_path / "b" / "checkpoints" / "step-00000008"
+    resumed.fit()
+    assert resumed.progress.step == 12
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
+    strip = lambda rs: [{k: r.get(k) for k in (*COMPARED, "noise_scale")} for r in rs]  # noqa: E731
+    assert strip(rows(tmp_path / "b")) == strip(rows(tmp_path / "a"))
