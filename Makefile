@@ -36,8 +36,30 @@ pytest: setup
 
 test: lint typecheck pytest
 
+# The benchmark suite (BENCH_ARGS: e.g. --quick, --only loop_speed, --write to update BENCHMARKS.md).
+# It runs in .bench-venv when that exists, so the peers (Lightning, Hugging Face, ...) are measured
+# too; without it, in .venv, and the peer rows are left out.
+BENCH_VENV ?= .bench-venv
+BENCH_ARGS ?= --write
+
 bench: setup
-	$(BIN)/python -m benchmarks
+	@if [ -x $(BENCH_VENV)/bin/python ]; then $(BENCH_VENV)/bin/python -m benchmarks $(BENCH_ARGS); \
+	else echo "no $(BENCH_VENV) (make bench-env): peers skipped"; $(BIN)/python -m benchmarks $(BENCH_ARGS); fi
+
+# The peers live in their own environment, never in regimen's dependencies. torch goes in first and
+# the constraints file pins it, so no peer can pull another (CUDA) torch; timm goes in without its
+# dependencies because PyPI's torchvision does not import beside this torch (only timm.optim is used).
+bench-env: $(BENCH_VENV)/.installed
+
+$(BENCH_VENV)/.installed: benchmarks/requirements-bench.txt benchmarks/constraints-bench.txt pyproject.toml | setup
+	$(BIN)/python -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q "$(TORCH)"
+	$(BENCH_VENV)/bin/pip install -q -c benchmarks/constraints-bench.txt -r benchmarks/requirements-bench.txt
+	$(BENCH_VENV)/bin/pip install -q --no-deps -c benchmarks/constraints-bench.txt timm
+	$(BENCH_VENV)/bin/pip install -q -c benchmarks/constraints-bench.txt -e .
+	$(BENCH_VENV)/bin/python -m benchmarks.peers --check
+	@touch $@
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -22,6 +22,7 @@ import math
 import tomllib
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -477,6 +478,12 @@ class Strategy:
         unit, amount = self.train.budget()
         if unit == self.lr.unit and self.lr.warmup >= amount and self.lr.warmup > 0:
             _fail("lr", "warmup", self.lr.warmup, f"must be shorter than the budget (train.{unit} = {amount:g})")
+        if self.optimizer.name.startswith("schedulefree") and self.lr.schedule != "constant":
+            warnings.warn(
+                f"optimizer {self.optimizer.name} replaces the LR schedule (it averages iterates); "
+                f"lr.schedule = {self.lr.schedule!r} multiplies it: use lr.schedule = 'constant' unless you mean to",
+                stacklevel=3,
+            )
         if self.model.name == "mlp" and self.data.source not in ("synthetic", "python"):
             _fail("model", "name", "mlp", f"the MLP classifies feature vectors: use data.source = 'synthetic', not {self.data.source!r}")
         if self.model.name == "gpt" and self.data.source == "synthetic":

@@ -42,6 +42,7 @@ import torch
 
 from regimen import parallel
 from regimen.data import SampleOrder, micro_sizes, split_evenly
+from regimen.errors import UserError
 from regimen.noise import ConsecutiveGradients, NoiseScaleEstimator, grad_sqnorm
 from regimen.observe import MetricsWriter, ProgressDisplay, TensorBoardLogger
 from regimen.optim import build_optimizer, set_train_mode
@@ -125,6 +126,9 @@ class Trainer:
         if s.lr.unit != self.budget_unit:
             total = simulate_budget(self.batch_schedule, self.budget_unit, self.budget, s.lr.unit, self.data.tokens_per_sample)
         self.lr_schedule = build_lr_schedule(s.lr, s.optimizer.lr, total)
+        if self._measure_noise and self.mode == "fsdp":
+            # FSDP2 shards gradients: the small-batch norm would need its own reduction.
+            raise UserError("observe.noise_scale / batch.schedule = 'adaptive' are not supported with parallel.mode = 'fsdp' yet; use ddp")
         self.noise = NoiseScaleEstimator(s.observe.noise_ema) if self._measure_noise else None
         self.consecutive = ConsecutiveGradients() if self.noise is not None else None
         self.autocast_dtype = torch.bfloat16 if s.train.precision == "bf16" else None
@@ -426,7 +430,6 @@ class Trainer:
         if self.skips_in_row < s.max_skips_in_row:
             return False
         from regimen.checkpoint import latest_checkpoint, load_checkpoint
-        from regimen.errors import UserError
 
         found = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
         if found is None:
