@@ -12,14 +12,16 @@ Only `optimizer.step()` is timed, on fixed random gradients of a GPT of about 9M
 forward and backward are the same whichever optimizer runs. Each figure is the median of
 several timed steps after a warmup.
 
-    .venv/bin/python benchmarks/optimizer_step.py            # about 2-3 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/optimizer_step.py            # 1-2 minutes on 2 idle CPU cores
     .venv/bin/python benchmarks/optimizer_step.py --quick    # fewer repeats, for a smoke test
+    .venv/bin/python benchmarks/optimizer_step.py --threads 1  # steadier numbers on a shared machine
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -58,6 +60,9 @@ TORCH_DEFAULT: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, A
     "schedulefree_adamw": (ref.ScheduleFreeAdamWReference, {}),
     "schedulefree_sgd": (ref.ScheduleFreeSGDReference, {}),
 }
+# Muon orthogonalises each update with Newton-Schulz iterations run as bf16 matmuls: about 50
+# GFLOP a step on this model, tens of seconds on a 2-core CPU without native bf16.
+SLOW_ON_CPU = ("muon",)
 REFERENCE_BASELINE = {"lion", "lamb", "lars", "schedulefree_adamw", "schedulefree_sgd"}
 
 
@@ -82,17 +87,23 @@ def regimen_optimizer(model: nn.Module, name: str) -> torch.optim.Optimizer:
     return build_optimizer(model, OptimizerConfig(name=name, lr=LR.get(name, 1e-3), weight_decay=WEIGHT_DECAY, implementation="auto"))
 
 
-def time_steps(optimizer: torch.optim.Optimizer, warmup: int, repeats: int) -> float:
-    """Median wall time of one `step()`, in milliseconds."""
-    set_train_mode(optimizer, True)
-    for _ in range(warmup):  # allocates the state and warms the caches
-        optimizer.step()
-    times = []
+def time_pair(first: torch.optim.Optimizer, second: torch.optim.Optimizer, warmup: int, repeats: int) -> tuple[float, float]:
+    """Median wall time of one `step()` of each, in milliseconds.
+
+    The two are stepped alternately, so that both see the same load from whatever else runs
+    on the machine (on a shared CPU that drifts by more than the effect measured).
+    """
+    for optimizer in (first, second):
+        set_train_mode(optimizer, True)
+        for _ in range(warmup):  # allocates the state and warms the caches
+            optimizer.step()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+        for optimizer, record in zip((first, second), times):
+            start = time.perf_counter()
+            optimizer.step()
+            record.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times[0]), 1000.0 * statistics.median(times[1])
 
 
 def describe(optimizer: torch.optim.Optimizer) -> str:
@@ -109,23 +120,23 @@ def describe(optimizer: torch.optim.Optimizer) -> str:
     return "+".join(kinds)
 
 
-def run(names: Sequence[str], warmup: int, repeats: int) -> list[dict[str, Any]]:
-    """Time every optimizer in `names` both ways on the same model and gradients."""
+def _with_gradients(seed: int = 1) -> nn.Module:
     model = make_model()
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.grad = 0.01 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+    return model
+
+
+def run(names: Sequence[str], warmup: int, repeats: int) -> list[dict[str, Any]]:
+    """Time every optimizer in `names` both ways, each on its own copy of the model and gradients."""
     rows = []
     for name in names:
-        # Muon's Newton-Schulz iterations are matmuls in bf16: much slower per step on a CPU.
-        reps = max(3, repeats // 3) if name == "muon" else repeats
-        base = baseline(model, name)
-        base_ms = time_steps(base, warmup, reps)
-        del base  # free the state before the next optimizer allocates its own
-        ours = regimen_optimizer(model, name)
-        ours_ms = time_steps(ours, warmup, reps)
+        base, ours = baseline(_with_gradients(), name), regimen_optimizer(_with_gradients(), name)
+        base_ms, ours_ms = time_pair(base, ours, warmup, repeats)
         rows.append({"name": name, "baseline": base_ms, "regimen": ours_ms, "impl": describe(ours), "ref": name in REFERENCE_BASELINE})
-        del ours
+        print(f"  {name}: {base_ms:.1f} / {ours_ms:.1f} ms", file=sys.stderr, flush=True)
+        del base, ours  # free the state before the next pair allocates its own
     return rows
 
 
@@ -145,19 +156,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Parse the arguments, time the optimizers, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke test; noisier numbers)")
-    parser.add_argument("--only", nargs="*", choices=NAMES, default=list(NAMES), metavar="NAME", help="optimizers to time (default: all)")
+    parser.add_argument("--only", nargs="+", choices=NAMES, metavar="NAME", help="optimizers to time (default: all but muon)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    warmup, repeats = (1, 3) if args.quick else (3, 15)
-    model = make_model()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.only or [n for n in NAMES if n not in SLOW_ON_CPU]
+    warmup, repeats = (1, 5) if args.quick else (2, 10)
+    if "muon" in names:
+        warmup, repeats = 1, min(repeats, 3)
     print(
-        f"GPT d_model=384 n_layer=5 context=64: {count_parameters(model) / 1e6:.2f}M parameters; "
+        f"GPT d_model=384 n_layer=5 context=64: {count_parameters(make_model()) / 1e6:.2f}M parameters; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {repeats} steps after {warmup} warmup"
     )
-    del model
     print()
-    print(table(run(args.only, warmup, repeats)))
+    print(table(run(names, warmup, repeats)))
     print()
-    print("speedup = torch default / regimen. (ref): baseline is regimen's line-by-line reference version, torch has no such optimizer.")
+    print("speedup = torch default / regimen. (ref): torch has no such optimizer; the baseline is regimen's line-by-line reference.")
+    skipped = [n for n in SLOW_ON_CPU if n not in names]
+    if skipped:
+        print(f"Not timed by default: {', '.join(skipped)} (Newton-Schulz in bf16 matmuls, tens of seconds a step on a CPU without")
+        print("native bf16; the AdamW part is fused like adamw). Time it with --only muon.")
 
 
 if __name__ == "__main__":

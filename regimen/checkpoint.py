@@ -432,11 +432,14 @@ def load_checkpoint(trainer: Trainer, path: str | Path) -> None:
         error = e
     if _any_rank_failed(trainer, error is not None):
         raise error or UserError(f"checkpoint {str(path)!r}: another rank could not read its part; it was not loaded")
-    # 2. Model and optimizer (DCP reshards to this world size).
+    # 2. Model and optimizer (DCP reshards to this world size). get_state_dict creates a fresh
+    # optimizer's state with one zero-LR step, which a schedule-free optimizer refuses in eval
+    # mode: its state (z) would be missing from the template and silently not loaded. So the
+    # template is taken in train mode, then the optimizer switches to eval like the save did.
+    model_sd, optim_sd = get_state_dict(trainer.model, _optimizers(trainer))
+    _check_same_model(path, metadata, model_sd)
     set_train_mode(trainer.optimizer, False)
     try:
-        model_sd, optim_sd = get_state_dict(trainer.model, _optimizers(trainer))
-        _check_same_model(path, metadata, model_sd)
         state = {"model": model_sd, "optim": optim_sd}
         try:
             with _quiet_single_process():

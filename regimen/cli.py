@@ -8,6 +8,8 @@ Example:
     $ regimen train                                   # the built-in default task
     $ regimen train examples/mlp.toml optimizer.lr=3e-3 --print-config
     $ regimen train --nproc 2 parallel.mode=fsdp      # torchrun, 2 processes
+    $ regimen compare --vary optimizer.name=sgd,adam  # a grid of strategies, then report.html
+    $ regimen lr-find optimizer.name=sgd              # an LR range test
 """
 
 from __future__ import annotations
@@ -60,6 +62,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--print-config", action="store_true", help="print the fully resolved strategy and exit")
 
+    compare = sub.add_parser(
+        "compare",
+        help="run several strategies on the same task and compare them",
+        description=(
+            "Run a grid of strategies (--vary) or the [[strategies]] of a TOML file on the same model, data and seed, "
+            "each in its own run directory under --out, then write report.html. With no CONFIG and no --vary: the classic "
+            "comparison (GD, SGD, momentum, AdaGrad, RMSprop, Adam; constant, polynomial, cosine LR; fixed and random batch) "
+            "on the built-in MLP task. Re-running the same command skips finished runs and resumes unfinished ones."
+        ),
+    )
+    _add_strategy_args(compare)
+    compare.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="section.key=v1,v2",
+        help="try each value of a key (repeat for a grid, the cartesian product); TOML values, e.g. optimizer.betas=[0.9,0.95],[0.9,0.99]",
+    )
+    compare.add_argument(
+        "--out", metavar="DIR", help="where the runs and the report go (default: compare/<time>, or the last one with the same plan)"
+    )
+    compare.add_argument("--jobs", type=int, metavar="N", help="train N runs at once, in subprocesses sharing the cores (default: 1)")
+    compare.add_argument("--target-loss", type=float, metavar="X", help="the loss for the report's time-to-target column")
+    compare.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
+
+    lr_find = sub.add_parser(
+        "lr-find",
+        help="find a learning rate with an LR range test",
+        description=(
+            "LR range test: train with the LR growing exponentially from --min to --max over --steps steps, stop when the "
+            "loss diverges, plot the smoothed loss against the LR, and print the suggested optimizer.lr."
+        ),
+    )
+    _add_strategy_args(lr_find)
+    lr_find.add_argument("--min", type=float, default=1e-7, dest="min_lr", metavar="LR", help="the first LR (default: 1e-7)")
+    lr_find.add_argument("--max", type=float, default=10.0, dest="max_lr", metavar="LR", help="the last LR (default: 10)")
+    lr_find.add_argument("--steps", type=int, default=100, help="steps of the sweep (default: 100)")
+    lr_find.add_argument("--out", metavar="DIR", help="where lr_find.png and lr_find.json go (default: runs/lr-find-<time>)")
+
     report = sub.add_parser(
         "report",
         help="make the HTML report of runs",
@@ -89,6 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args)
+        if args.command == "compare":
+            from regimen import compare
+
+            config, overrides = _split_config(args)
+            return compare.main(config, overrides, args)
+        if args.command == "lr-find":
+            from regimen import lr_find
+
+            config, overrides = _split_config(args)
+            sweep = lr_find.Sweep(min_lr=args.min_lr, max_lr=args.max_lr, steps=args.steps)
+            return lr_find.main(config, overrides, sweep, args.out)
         if args.command == "report":
             from regimen import report
 

@@ -29,6 +29,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -152,8 +153,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Synchronise gradients in this backward only when `enabled` (the last micro-step)."""
-    inner = getattr(model, "_orig_mod", model)
+    """Synchronise gradients in this backward only when `enabled` (the last micro-step).
+
+    DDP: the backward runs inside `no_sync()` (gradients accumulate locally). FSDP2: the flag is
+    set on every micro-step, both ways, so a skipped sync never leaks into the next step.
+    """
+    inner: Any = getattr(model, "_orig_mod", model)  # duck-typed: no FSDP import for one process
     if hasattr(inner, "no_sync") and not enabled:  # DDP
         with inner.no_sync():
             yield

@@ -34,14 +34,20 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 outputs are upcast for the loss; float32 and float64 stay as they are."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over every position; logits (..., C) against integer targets (...)."""
-    return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(_upcast(output).reshape(-1, output.shape[-1]), target.reshape(-1), ignore_index=-100)
 
 
 def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error, with the output squeezed to the target's shape."""
-    return F.mse_loss(output.float().reshape(target.shape), target.float())
+    output = _upcast(output)
+    return F.mse_loss(output.reshape(target.shape), target.to(output.dtype))
 
 
 def accuracy(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -131,3 +131,10 @@ def test_frozen_parameters_are_left_out() -> None:
     held = {id(p) for g in opt.param_groups for p in g["params"]}
     assert id(model.pos_emb.weight) not in held
     assert held == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_muon_without_hidden_matrices() -> None:
+    # A single Linear is its own output layer: nothing for Muon, everything for AdamW.
+    model = nn.Linear(4, 2)
+    opt = build_optimizer(model, OptimizerConfig(name="muon", lr=0.02, weight_decay=WD))
+    _assert_each_once(model, opt)

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import warnings
 from typing import Any
 
 import torch
@@ -78,12 +79,21 @@ NAMES = (*_TORCH, "muon", *OWN)
 
 
 def _implementation(name: str, choice: str, params: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """torch keyword arguments for the implementation asked for.
+
+    `auto`: fused where torch has a kernel; foreach on CUDA otherwise; on CPU without a fused
+    kernel, torch's default per-tensor loop, which measures faster there than foreach
+    (benchmarks/optimizer_step.py).
+    """
+    on_cuda = all(p.device.type == "cuda" for p in params)
+    fused_ok = name in _FUSED and all(p.device.type in ("cpu", "cuda") for p in params)
     if choice == "loop":
         return {"foreach": False} if name in _FOREACH else {}
-    fused_ok = name in _FUSED and all(p.device.type in ("cpu", "cuda") for p in params)
     if choice in ("auto", "fused") and fused_ok:
         return {"fused": True}
-    if choice in ("auto", "foreach", "fused") and name in _FOREACH:
+    if choice == "fused":
+        warnings.warn(f"optimizer.implementation = 'fused': torch has no fused {name}; using foreach", stacklevel=3)
+    if (choice == "foreach" or choice == "fused" or on_cuda) and name in _FOREACH:
         return {"foreach": True}
     return {}
 
@@ -100,6 +110,10 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
         kwargs = {**implied, **kwargs}
     else:
         ctor = _own(cfg.name)
+        if cfg.implementation not in ("auto", "foreach"):
+            warnings.warn(
+                f"optimizer.implementation = {cfg.implementation!r} is ignored for {cfg.name}: it always uses foreach", stacklevel=2
+            )
     groups = decay_groups(model, cfg.weight_decay, cfg.decay_all)
     params = [p for g in groups for p in g["params"]]
     if cfg.name in _TORCH:
@@ -114,7 +128,11 @@ def _build_muon(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer
     kwargs = cfg.kwargs()
     adam_keys = {k: kwargs.pop(k) for k in ("betas", "eps") if k in kwargs}
     # torch.optim.Muon rejects eps of AdamW's meaning; keep the two key sets apart.
-    muon = torch.optim.Muon(split_decay(hidden, model, cfg.weight_decay, cfg.decay_all), lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+    # One peak LR for both halves: scale Muon's update to AdamW's RMS (Moonshot's rule), so the
+    # embeddings, head and norms on AdamW are not driven at a Muon-sized LR.
+    kwargs.setdefault("adjust_lr_fn", "match_rms_adamw")
+    muon_groups = split_decay(hidden, model, cfg.weight_decay, cfg.decay_all)
+    muon = torch.optim.Muon(muon_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs) if muon_groups else None
     adamw_groups = split_decay(rest, model, cfg.weight_decay, cfg.decay_all)
     impl = _implementation("adamw", cfg.implementation, rest)
     adamw = torch.optim.AdamW(adamw_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **adam_keys, **impl) if adamw_groups else None
