@@ -36,15 +36,15 @@ pytest: setup
 
 test: lint typecheck pytest
 
-# The benchmark suite (BENCH_ARGS: e.g. --quick, --only loop_speed, --write to update BENCHMARKS.md).
-# It runs in .bench-venv when that exists, so the peers (Lightning, Hugging Face, ...) are measured
-# too; without it, in .venv, and the peer rows are left out.
+# The benchmark suite (BENCH_ARGS: e.g. --quick, --only loop_speed, --threads 1; --write updates
+# BENCHMARKS.md). It runs in .venv; the benchmarks that compare with peers (loop_speed,
+# own_optimizers) run their measurements in .bench-venv when it exists (make bench-env), and
+# leave the peer rows out when it does not.
 BENCH_VENV ?= .bench-venv
 BENCH_ARGS ?= --write
 
 bench: setup
-	@if [ -x $(BENCH_VENV)/bin/python ]; then $(BENCH_VENV)/bin/python -m benchmarks $(BENCH_ARGS); \
-	else echo "no $(BENCH_VENV) (make bench-env): peers skipped"; $(BIN)/python -m benchmarks $(BENCH_ARGS); fi
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 # The peers live in their own environment, never in regimen's dependencies. torch goes in first and
 # the constraints file pins it, so no peer can pull another (CUDA) torch; timm goes in without its

@@ -21,8 +21,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
