@@ -100,6 +100,7 @@ class ProgressDisplay:
             )
 
     def update(self, done: float, info: dict[str, Any]) -> None:
+        done = min(done, self.total)  # the last step may pass a samples or tokens budget: show 100%
         text = f"loss {info['loss']:.4f}  lr {info['lr']:.2e}  bs {info['batch_size']}  {_fmt_rate(info.get('tokens_per_s', 0.0))} tok/s"
         if self.bar is not None:
             self.bar.set_description(f"step {info['step']}", refresh=False)

@@ -262,7 +262,7 @@ class BatchConfig:
     start: int | None = None
     span: float | None = None
     unit: Unit = "steps"
-    stages: list[dict[str, float]] = field(default_factory=list)
+    stages: list[dict[str, int | float]] = field(default_factory=list)
     # adaptive: follow the measured critical batch size.
     every: int = 50
     max_growth: float = 2.0

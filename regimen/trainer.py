@@ -241,6 +241,8 @@ class Trainer:
             torch._foreach_div_(grads, d.world_size)
         # The consecutive-steps pair is taken before clipping: clipping would bias both norms.
         pair = self.consecutive.pair(self.params, B) if self.consecutive is not None and not noise_small else None
+        if noise_small and self.consecutive is not None:
+            self.consecutive.reset()  # measured with micro-batches: no later pair may reach back past this step
         max_norm = s.train.clip if s.train.clip > 0 else math.inf
         grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True))
         bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float()
@@ -337,7 +339,8 @@ class Trainer:
             self.skips_in_row = 0
             self.progress = self.progress.advanced(out["batch_size"], self.data.tokens_per_sample)
             self.window.append(out["loss"])
-            self.batch_schedule.observe(self.progress, self.noise.noise_scale if self.noise else None)
+            wants = self.noise is not None and self.batch_schedule.wants_noise(self.progress)
+            self.batch_schedule.observe(self.progress, self.noise.noise_scale if wants and self.noise else None)
             done = budget_reached(self.progress, self.budget_unit, self.budget)
             step = self.progress.step
             evaluate = step % s.train.eval_every == 0 or done

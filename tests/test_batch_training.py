@@ -17,6 +17,7 @@ import copy
 import json
 import math
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -352,6 +353,27 @@ def test_adaptive_run_resumed_from_a_checkpoint_continues_identically(tmp_path: 
         assert row.get("noise_scale") == pytest.approx(want.get("noise_scale"), rel=1e-9), f"step {row['step']}"
     for a, b in zip(resumed.model.parameters(), whole.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_consecutive_pair_spans_two_consecutive_steps_only() -> None:
+    # B_t in {4, 8} with micro = 4: steps of 8 measure with their first micro-batch, steps of 4
+    # pair with the previous step's gradient. A pair must never reach back past a step of 8.
+    s = _strategy(batch={"schedule": "random", "choices": [4, 8], "micro": 4}, observe={"noise_scale": True}, train={"steps": 16})
+    trainer = Trainer(s, _task())
+    assert trainer.consecutive is not None
+    calls: list[tuple[int, bool]] = []  # (step whose gradient was kept, whether a pair came back)
+    inner = trainer.consecutive.pair
+
+    def pair(params: Any, batch: float) -> Any:
+        result = inner(params, batch)
+        calls.append((trainer.progress.step, result is not None))
+        return result
+
+    trainer.consecutive.pair = pair  # type: ignore[method-assign]
+    sizes = [r["batch_size"] for r in trainer.fit().history]
+    assert {4, 8} <= set(sizes) and any(a == 8 and b == 4 for a, b in pairwise(sizes)), sizes
+    for (before, _), (step, paired) in pairwise(calls):
+        assert not paired or step == before + 1, f"the gradient of step {step + 1} was paired with that of step {before + 1}"
 
 
 # ---- end to end: the built-in GPT, a ramp in tokens, the noise scale, the plot --------------

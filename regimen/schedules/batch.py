@@ -85,6 +85,10 @@ class BatchSchedule:
     def __call__(self, progress: Progress) -> int:
         raise NotImplementedError
 
+    def wants_noise(self, progress: Progress) -> bool:
+        """Whether `observe` would use a noise scale now (reading one syncs host and device)."""
+        return False
+
     def observe(self, progress: Progress, noise_scale: float | None) -> None:
         """Called by the trainer after every step; only `AdaptiveBatch` uses it."""
 
@@ -287,6 +291,9 @@ class AdaptiveBatch(BatchSchedule):
 
     def __call__(self, progress: Progress) -> int:
         return self.size
+
+    def wants_noise(self, progress: Progress) -> bool:
+        return progress.step - self.last_change >= self.every
 
     def observe(self, progress: Progress, noise_scale: float | None) -> None:
         """Move the batch toward `noise_scale` (samples) if `every` steps passed since the last change."""
