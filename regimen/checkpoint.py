@@ -300,6 +300,7 @@ def save_checkpoint(trainer: Trainer) -> Path:
     on any rank (a full disk, a lost mount) removes the partial save on every rank's behalf
     and raises one `UserError` that says the previous checkpoint is intact.
     """
+    assert trainer.run_dir is not None, "saving needs a run directory"
     d = trainer.dist
     root = checkpoint_dir(trainer.run_dir)
     step = trainer.progress.step
@@ -363,6 +364,7 @@ def _save_failed(trainer: Trainer, tmp: Path, error: BaseException | None) -> No
     """Remove the partial save and raise one line: what failed and what is still safe."""
     if trainer.dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
+    assert trainer.run_dir is not None
     reason = _one_line(_root_causes(error)[0]) if error is not None else "another rank could not write its part"
     previous = latest_checkpoint(trainer.run_dir)
     kept = (
@@ -440,7 +442,7 @@ def load_checkpoint(trainer: Trainer, path: str | Path) -> None:
     _check_same_model(path, metadata, model_sd)
     set_train_mode(trainer.optimizer, False)
     try:
-        state = {"model": model_sd, "optim": optim_sd}
+        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
         try:
             with _quiet_single_process():
                 dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner())
@@ -529,19 +531,36 @@ def export_safetensors(trainer: Trainer, path: str | Path) -> None:
     finally:
         set_train_mode(trainer.optimizer, True)
     if trainer.dist.is_main:
-        # safetensors refuses shared storage (the tied head): keep one name per tensor.
-        seen: dict[int, str] = {}
+        # A tied weight (the GPT's head) is one parameter under two names: keep its first name.
+        # Ask the module, not the storage: FSDP2's gathered full state dict holds separate
+        # copies. (safetensors also refuses shared storage: the pointer check stays for the rest.)
+        aliases = _tied_aliases(trainer.model)
+        seen: set[int] = set()
         tensors = {}
         for key, value in sd.items():
+            if not isinstance(value, torch.Tensor) or key in aliases:  # extra state is not weights
+                continue
             ptr = value.untyped_storage().data_ptr()
             if ptr in seen:
                 continue
-            seen[ptr] = key
+            seen.add(ptr)
             tensors[key] = value.detach().contiguous().cpu()
         # Written beside and renamed: a crash never leaves a torn model.safetensors.
         tmp = Path(f"{path}.tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt", "progress": json.dumps(trainer.training_state()["progress"])})
         os.replace(tmp, path)
+
+
+def _tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Every name of a parameter but its first (a tied weight appears under several names)."""
+    first: dict[int, str] = {}
+    aliases = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases.add(name)
+        else:
+            first[id(p)] = name
+    return aliases
 
 
 def progress_of(path: str | Path) -> Progress:

@@ -187,10 +187,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         prepare_run_dir(run_dir, args.resume, args.overwrite)
         return launch_torchrun(args, config, overrides, run_dir)
-    if int(os.environ.get("RANK", "0")) == 0 and "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+    # torchrun sets TORCHELASTIC_RESTART_COUNT=0 on the first attempt: check the run directory
+    # then, but not on restarts (they resume into it).
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if int(os.environ.get("RANK", "0")) == 0 and first_attempt:
         prepare_run_dir(run_dir, args.resume, args.overwrite)
     from regimen.runner import run_training
 
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        # Under torchrun: record the failing rank's error for torchrun's "Root Cause" section.
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(run_training)(strategy, run_dir, resume=args.resume)
     return run_training(strategy, run_dir, resume=args.resume)
 
 

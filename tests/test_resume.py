@@ -381,7 +381,7 @@ def test_elastic_restart_after_a_worker_is_killed(corpus: Path, tmp_path: Path, 
 @pytest.mark.parametrize(
     "extra",
     [
-        ["optimizer.name=schedulefree_adamw"],
+        ["optimizer.name=schedulefree_adamw", "lr.schedule=constant"],
         ["optimizer.name=muon", "optimizer.lr=0.02"],
         ["batch.schedule=adaptive", "batch.size=8", "batch.every=2", "batch.min=4", "batch.max=32", "batch.micro=4"],
         ["observe.noise_scale=true", "lr.schedule=wsd", "lr.unit=samples"],
