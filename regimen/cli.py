@@ -198,7 +198,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         # Under torchrun: record the failing rank's error for torchrun's "Root Cause" section.
         from torch.distributed.elastic.multiprocessing.errors import record
 
-        return record(run_training)(strategy, run_dir, resume=args.resume)
+        return record(run_training)(strategy, run_dir, resume=args.resume) or 0
     return run_training(strategy, run_dir, resume=args.resume)
 
 
