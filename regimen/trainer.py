@@ -135,6 +135,7 @@ class Trainer:
         # Training state (everything a checkpoint must hold besides model and optimizer).
         self.progress = Progress()
         self.elapsed = 0.0
+        self.eval_time = 0.0  # of `elapsed`, the seconds spent evaluating
         self.lr_factor = 1.0  # lowered by rollbacks after non-finite steps
         self.skips_in_row = 0
         self.rollbacks = 0
@@ -152,6 +153,7 @@ class Trainer:
         return {
             "progress": {"step": p.step, "samples": p.samples, "tokens": p.tokens},
             "elapsed": self.elapsed,
+            "eval_time": self.eval_time,
             "lr_factor": self.lr_factor,
             "rollbacks": self.rollbacks,
             "data_offset": self.data_offset,
@@ -164,6 +166,7 @@ class Trainer:
     def load_training_state(self, state: dict[str, Any]) -> None:
         self.progress = Progress(**state["progress"])
         self.elapsed = state["elapsed"]
+        self.eval_time = state.get("eval_time", 0.0)
         self.lr_factor = state["lr_factor"]
         self.rollbacks = state["rollbacks"]
         self.data_offset = state["data_offset"]
@@ -351,6 +354,8 @@ class Trainer:
                 if evaluate:
                     row.update(self.evaluate())
                     last_log_time = time.perf_counter()  # evaluation time is not training throughput
+                    self.eval_time += last_log_time - now
+                    row["eval_time"] = round(self.eval_time, 4)
                 history.append(row)
                 if writer:
                     writer.write(row)
@@ -404,6 +409,7 @@ class Trainer:
             "lr": out["lr"],
             "batch_size": out["batch_size"],
             "time": round(elapsed, 4),
+            "eval_time": round(self.eval_time, 4),
             "tokens_per_s": tokens_per_s,
             "grad_norm": out["grad_norm"],
             "world_size": self.dist.world_size,
