@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "fit": "regimen.api",
+    "lr_find": "regimen.lr_find",
     "History": "regimen.api",
     "Trainer": "regimen.trainer",
     "RunResult": "regimen.trainer",

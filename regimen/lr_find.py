@@ -414,12 +414,14 @@ def format_result(result: LRFindResult, sweep: Sweep, plot_path: Path | None) ->
         f"regimen lr-find: {len(result.lrs)} steps of {result.optimizer}, optimizer.lr {sweep.min_lr:.2g} -> {last:.2g}; "
         f"stopped: {STOPPED[result.stopped].format(factor=sweep.stop_factor)}",
     ]
+    rows = []
     if result.steepest is not None:
-        lines.append(f"  steepest descent of the smoothed loss   optimizer.lr={result.steepest:.2g}")
+        rows.append(("steepest descent of the smoothed loss", f"optimizer.lr={result.steepest:.2g}"))
     if result.minimum is not None:
-        lines.append(f"  a tenth of the minimum ({result.minimum:.2g})      optimizer.lr={result.minimum / 10:.2g}")
+        rows.append((f"a tenth of the minimum ({result.minimum:.2g})", f"optimizer.lr={result.minimum / 10:.2g}"))
     if plot_path is not None:
-        lines.append(f"  plot                                    {plot_path}")
+        rows.append(("plot", str(plot_path)))
+    lines += [f"  {label:<38}  {value}" for label, value in rows]
     lines.append(f"suggested: {result.override()}")
     return "\n".join(lines)
 
