@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from regimen.models import GPT, GPTConfig, count_parameters
-from regimen.optim import NAMES, CombinedOptimizer, build_optimizer, set_train_mode
+from regimen.optim import NAMES, TORCH_OPTIMIZERS, CombinedOptimizer, build_optimizer, set_train_mode
 from regimen.optim import reference as ref
 from regimen.optim.groups import decay_groups, muon_split
 from regimen.strategy import OptimizerConfig
@@ -43,17 +43,7 @@ LR = {"lion": 1e-4, "lars": 0.1, "schedulefree_sgd": 0.1, "muon": 0.02, "sgd": 0
 
 # The baseline of each name: torch's constructor and the keywords the name implies.
 TORCH_DEFAULT: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]]] = {
-    "gd": (torch.optim.SGD, {}),
-    "sgd": (torch.optim.SGD, {}),
-    "momentum": (torch.optim.SGD, {"momentum": 0.9}),
-    "nesterov": (torch.optim.SGD, {"momentum": 0.9, "nesterov": True}),
-    "adagrad": (torch.optim.Adagrad, {}),
-    "rmsprop": (torch.optim.RMSprop, {}),
-    "adam": (torch.optim.Adam, {}),
-    "adamw": (torch.optim.AdamW, {}),
-    "nadam": (torch.optim.NAdam, {}),
-    "radam": (torch.optim.RAdam, {}),
-    "adafactor": (torch.optim.Adafactor, {}),
+    **TORCH_OPTIMIZERS,
     "lion": (ref.LionReference, {}),
     "lamb": (ref.LAMBReference, {}),
     "lars": (ref.LARSReference, {}),

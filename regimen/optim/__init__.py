@@ -32,7 +32,7 @@ from regimen.optim.groups import decay_groups, muon_split, split_decay
 from regimen.strategy import OptimizerConfig
 
 # name -> (constructor, keyword arguments the name implies)
-_TORCH: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]]] = {
+TORCH_OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]]] = {
     "gd": (torch.optim.SGD, {}),
     "sgd": (torch.optim.SGD, {}),
     "momentum": (torch.optim.SGD, {"momentum": 0.9}),
@@ -75,7 +75,7 @@ def _own(name: str) -> Callable[..., torch.optim.Optimizer]:
 
 
 OWN = ("lion", "lamb", "lars", "schedulefree_adamw", "schedulefree_sgd")
-NAMES = (*_TORCH, "muon", *OWN)
+NAMES = (*TORCH_OPTIMIZERS, "muon", *OWN)
 
 
 def _implementation(name: str, choice: str, params: Sequence[torch.Tensor]) -> dict[str, Any]:
@@ -105,8 +105,8 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     kwargs = cfg.kwargs()
     if cfg.name == "adafactor" and "eps" in kwargs:
         kwargs["eps"] = (None, kwargs["eps"])  # torch's Adafactor takes (eps1, eps2)
-    if cfg.name in _TORCH:
-        ctor, implied = _TORCH[cfg.name]
+    if cfg.name in TORCH_OPTIMIZERS:
+        ctor, implied = TORCH_OPTIMIZERS[cfg.name]
         kwargs = {**implied, **kwargs}
     else:
         ctor = _own(cfg.name)
@@ -116,7 +116,7 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
             )
     groups = decay_groups(model, cfg.weight_decay, cfg.decay_all)
     params = [p for g in groups for p in g["params"]]
-    if cfg.name in _TORCH:
+    if cfg.name in TORCH_OPTIMIZERS:
         kwargs.update(_implementation(cfg.name, cfg.implementation, params))
     optimizer = ctor(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
     _remember_peak(optimizer)
