@@ -209,7 +209,12 @@ def stdlib_corpus(val_fraction: float) -> tuple[np.ndarray, np.ndarray, int]:
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     """Entropy in nats of the token frequencies (the loss of a context-free model)."""
-    counts = np.bincount(np.asarray(tokens).ravel(), minlength=vocab_size).astype(np.float64)
+    flat = np.asarray(tokens).ravel()
+    counts_int = np.zeros(vocab_size, dtype=np.int64)
+    # bincount copies its input to int64: 4M-token chunks bound that copy to 32 MiB.
+    for start in range(0, len(flat), 1 << 22):
+        counts_int += np.bincount(flat[start : start + (1 << 22)], minlength=vocab_size)
+    counts = counts_int.astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
