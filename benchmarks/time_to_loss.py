@@ -23,7 +23,15 @@ MODEL = ["model.n_layer=4", "model.n_head=4", "model.d_model=128", "model.contex
 COMMON = ["train.eval_samples=1024", "observe.progress=none", "observe.report=false", "train.log_every=50"]
 
 RECIPES: dict[str, list[str]] = {
-    "classic": ["optimizer.name=adam", "optimizer.lr=1e-3", "lr.schedule=constant", "batch.size=12", "train.steps=2000", "train.clip=0", "train.eval_every=100"],
+    "classic": [
+        "optimizer.name=adam",
+        "optimizer.lr=1e-3",
+        "lr.schedule=constant",
+        "batch.size=12",
+        "train.steps=2000",
+        "train.clip=0",
+        "train.eval_every=100",
+    ],
     "nanogpt": [
         "optimizer.name=adamw",
         "optimizer.lr=1e-3",
@@ -95,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     base = first_reach(results["nanogpt"], target)
     assert base is not None
     base_time = base["time"] - base.get("eval_time", 0.0)
-    print(f"Target: nanoGPT recipe's final validation loss, {target:.4f} nats/byte. torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    machine = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    print(f"Target: nanoGPT recipe's final validation loss, {target:.4f} nats/byte. {machine}")
     print()
     print("| recipe | final val loss | reaches target at step | tokens to target | train time to target (s) | time vs nanoGPT | tokens/s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")

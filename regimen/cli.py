@@ -24,6 +24,9 @@ from pathlib import Path
 
 from regimen.errors import UserError
 
+# What `regimen train` trains when no CONFIG is given.
+DEFAULT_TASK = Path(__file__).with_name("default_task.toml")
+
 
 def _add_strategy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="a strategy TOML file (default: the built-in task)")
@@ -177,7 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from regimen.strategy import Strategy
 
     config, overrides = _split_config(args)
-    strategy = Strategy.load(config, overrides)
+    strategy = Strategy.load(config or DEFAULT_TASK, overrides)
     if args.print_config:
         print(strategy.resolve().to_toml(), end="")
         return 0
@@ -194,11 +197,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         prepare_run_dir(run_dir, args.resume, args.overwrite)
     from regimen.runner import run_training
 
-    if "TORCHELASTIC_ERROR_FILE" in os.environ:
-        # Under torchrun: record the failing rank's error for torchrun's "Root Cause" section.
-        from torch.distributed.elastic.multiprocessing.errors import record
-
-        return record(run_training)(strategy, run_dir, resume=args.resume) or 0
     return run_training(strategy, run_dir, resume=args.resume)
 
 

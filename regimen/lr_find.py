@@ -431,7 +431,9 @@ def main(config: str | None, overrides: list[str], sweep: Sweep, out: str | None
     from regimen.task import build_task
 
     sweep.validate()
-    strategy = Strategy.load(config, overrides)
+    from regimen.cli import DEFAULT_TASK
+
+    strategy = Strategy.load(config or DEFAULT_TASK, overrides)
     out_dir = Path(out) if out else Path("runs") / time.strftime("lr-find-%Y%m%d-%H%M%S")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {str(out_dir)!r} exists and is not a directory")

@@ -59,6 +59,9 @@ OPTIMIZER_KEYS: dict[str, frozenset[str]] = {
     "schedulefree_sgd": frozenset({"momentum", "warmup_steps", "r", "weight_lr_power"}),
 }
 
+BUDGET_UNITS = ("steps", "samples", "tokens", "epochs")
+ALGORITHM_KEYS = frozenset().union(*OPTIMIZER_KEYS.values())
+
 LR_SCHEDULES = (
     "constant",
     "linear",
@@ -449,10 +452,28 @@ class Strategy:
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Strategy:
-        """Read a TOML file (None = the built-in default) and apply `section.key=value` overrides."""
+        """Read a TOML file (None = the built-in default) and apply `section.key=value` overrides.
+
+        A budget given as an override (`train.tokens=1e6`) replaces the file's budget in another
+        unit, rather than clashing with it; an `optimizer.name` given as an override drops the
+        file's hyperparameters that the new algorithm does not take (`betas` for sgd).
+        """
         tree: dict[str, Any] = {}
         if path is not None:
             tree = read_toml(path)
+        budget_keys = {f"train.{k}" for k in BUDGET_UNITS}
+        overridden = {item.partition("=")[0].strip(): item.partition("=")[2].strip() for item in overrides}
+        if overridden.keys() & budget_keys:
+            for key in budget_keys - overridden.keys():
+                tree.get("train", {}).pop(key.split(".")[1], None)
+        if "optimizer.name" in overridden:
+            # Another algorithm named on the command line keeps only the file's keys it takes.
+            name = str(parse_value(overridden["optimizer.name"]))
+            table = tree.get("optimizer", {})
+            for key in list(table):
+                dropped = key in ALGORITHM_KEYS and key not in OPTIMIZER_KEYS.get(name, ALGORITHM_KEYS)
+                if dropped and f"optimizer.{key}" not in overridden:
+                    del table[key]
         for item in overrides:
             apply_override(tree, item)
         return cls.from_dict(tree)

@@ -310,7 +310,7 @@ def test_saved_checkpoint_loads_into_a_fresh_trainer(corpus: Path, finished_run:
     from regimen.task import build_task
     from regimen.trainer import Trainer
 
-    s = Strategy.load(None, [*TINY_GPT, f"data.source=text:{corpus}", "model.n_layer=2", "train.steps=6"])
+    s = Strategy.load(finished_run / "strategy.toml")  # the run's own resolved strategy
     trainer = Trainer(s, build_task(s.resolve()))
     load_checkpoint(trainer, finished_run / "checkpoints" / "step-00000006")
     assert trainer.progress.step == 6

@@ -90,3 +90,22 @@ def test_replace_validates():
 def test_dumps_toml_writes_inline_tables():
     text = dumps_toml({"batch": {"stages": [{"until": 10, "size": 8}]}})
     assert "stages = [{until = 10, size = 8}]" in text
+
+
+def test_budget_override_replaces_the_files_budget(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text("[train]\nsteps = 2000\n")
+    s = Strategy.load(path, ["train.tokens=1500"])
+    assert s.train.tokens == 1500 and s.train.steps is None
+    with pytest.raises(UserError, match="give one budget only"):
+        Strategy.load(path, ["train.tokens=1500", "train.samples=10"])
+
+
+def test_optimizer_override_drops_the_files_keys_it_does_not_take(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('[optimizer]\nname = "adamw"\nbetas = [0.9, 0.99]\neps = 1e-6\nweight_decay = 0.1\n')
+    s = Strategy.load(path, ["optimizer.name=sgd"])
+    assert (s.optimizer.name, s.optimizer.betas, s.optimizer.eps, s.optimizer.weight_decay) == ("sgd", None, None, 0.1)
+    assert Strategy.load(path, ["optimizer.name=adam"]).optimizer.betas == [0.9, 0.99]
+    with pytest.raises(UserError, match="sgd has no such parameter"):
+        Strategy.load(path, ["optimizer.name=sgd", "optimizer.betas=[0.9, 0.9]"])
