@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -102,7 +103,7 @@ class Trainer:
         self.task = task
         self.callbacks = callbacks or []
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.device = pick_device(s.train.device, int(__import__("os").environ.get("LOCAL_RANK", "0")))
+        self.device = pick_device(s.train.device, int(os.environ.get("LOCAL_RANK", "0")))
         self.dist = parallel.Dist.from_env(self.device.type)
         self.is_main = self.dist.is_main
         assert task.data is not None, "the trainer needs the task's data"
