@@ -23,6 +23,8 @@ evaluating, and x is recovered from y and z as x = (y - (1 - beta) z) / beta. He
 
 The reference versions are `regimen.optim.reference.ScheduleFreeSGDReference` and
 `ScheduleFreeAdamWReference`.
+
+Foreach on CUDA, one tensor at a time on CPU: CPU foreach streams the whole model through memory once per op.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from typing import Any, TypeAlias, cast
 import torch
 from torch.optim import Optimizer
 
+from regimen.optim.lion import cpu_chunks, scratch_of
+
 # What torch's foreach ops accept; the out-of-place ones are typed as returning a tuple.
 _Tensors: TypeAlias = list[torch.Tensor] | tuple[torch.Tensor, ...]
 
@@ -41,7 +45,8 @@ class _ScheduleFree(Optimizer):
     """The schedule-free machinery shared by SGD and AdamW: mode switches and the y/z update.
 
     A subclass names its interpolation coefficient (`_beta`), the state it needs besides z
-    (`_extra_state`) and its step direction d at y (`_direction`).
+    (`_extra_state`) and its step direction d at y (`_direction`). A step runs foreach per
+    (device, dtype) and, on CPU, one tensor at a time (`cpu_chunks`).
     """
 
     _extra_state: tuple[str, ...] = ()
@@ -49,7 +54,16 @@ class _ScheduleFree(Optimizer):
     def _beta(self, group: dict[str, Any]) -> float:
         raise NotImplementedError
 
-    def _direction(self, group: dict[str, Any], y: list[torch.Tensor], g: list[torch.Tensor], extra: list[list[torch.Tensor]]) -> _Tensors:
+    def _direction(
+        self,
+        group: dict[str, Any],
+        y: list[torch.Tensor],
+        g: list[torch.Tensor],
+        extra: list[list[torch.Tensor]],
+        scratch: list[torch.Tensor] | None,
+    ) -> tuple[_Tensors, float]:
+        """(d', s) with the step direction d = s * d' at y; `scratch` (a run of one large CPU tensor,
+        `Scratch.like`) receives d' where the gradient itself is not d'."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -91,6 +105,7 @@ class _ScheduleFree(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        scratch = scratch_of(self)
         for group in self.param_groups:
             k = group["k"]
             warmup = group["warmup_steps"]
@@ -127,14 +142,16 @@ class _ScheduleFree(Optimizer):
             # torch types the tensor lists as list[Tensor | None]; these hold no None.
             grouped = Optimizer._group_tensors_by_device_and_dtype(cast("list[list[torch.Tensor | None]]", [params, grads, zs, *extras]))
             for bucket, _ in grouped.values():
-                y_list, g_list, z_list, *extra_lists = cast("list[list[torch.Tensor]]", bucket)
-                d = self._direction(group, y_list, g_list, extra_lists)
-                # y and x move together without storing x (substitute x = (y - (1-beta) z)/beta
-                # into the three updates of the module docstring):
-                #   y <- (1-c) y + c z + lr (beta (1-c) - 1) d,   then   z <- z - lr d.
-                torch._foreach_lerp_(y_list, z_list, ckp1)
-                torch._foreach_add_(y_list, d, alpha=lr * (beta * (1.0 - ckp1) - 1.0))
-                torch._foreach_add_(z_list, d, alpha=-lr)
+                y_all, g_all, z_all, *extra_all = cast("list[list[torch.Tensor]]", bucket)
+                for run in cpu_chunks(y_all):
+                    y_list, z_list = y_all[run], z_all[run]
+                    d, scale = self._direction(group, y_list, g_all[run], [e[run] for e in extra_all], scratch.like(y_list))
+                    # y and x move together without storing x (substitute x = (y - (1-beta) z)/beta
+                    # into the three updates of the module docstring):
+                    #   y <- (1-c) y + c z + lr (beta (1-c) - 1) d,   then   z <- z - lr d.
+                    torch._foreach_lerp_(y_list, z_list, ckp1)
+                    torch._foreach_add_(y_list, d, alpha=scale * lr * (beta * (1.0 - ckp1) - 1.0))
+                    torch._foreach_add_(z_list, d, alpha=-scale * lr)
         return loss
 
 
@@ -195,11 +212,23 @@ class ScheduleFreeSGD(_ScheduleFree):
     def _beta(self, group: dict[str, Any]) -> float:
         return group["momentum"]
 
-    def _direction(self, group: dict[str, Any], y: list[torch.Tensor], g: list[torch.Tensor], extra: list[list[torch.Tensor]]) -> _Tensors:
+    def _direction(
+        self,
+        group: dict[str, Any],
+        y: list[torch.Tensor],
+        g: list[torch.Tensor],
+        extra: list[list[torch.Tensor]],
+        scratch: list[torch.Tensor] | None,
+    ) -> tuple[_Tensors, float]:
         # d = g + wd*y (weight decay at y, as the official code); the gradient itself when wd = 0,
         # which is safe because d is only read afterwards.
         wd = group["weight_decay"]
-        return torch._foreach_add(g, y, alpha=wd) if wd != 0.0 else g
+        if wd == 0.0:
+            return g, 1.0
+        if scratch is None:
+            return torch._foreach_add(g, y, alpha=wd), 1.0
+        torch.add(g[0], y[0], alpha=wd, out=scratch[0])
+        return scratch, 1.0
 
 
 class ScheduleFreeAdamW(_ScheduleFree):
@@ -250,19 +279,31 @@ class ScheduleFreeAdamW(_ScheduleFree):
     def _beta(self, group: dict[str, Any]) -> float:
         return group["betas"][0]
 
-    def _direction(self, group: dict[str, Any], y: list[torch.Tensor], g: list[torch.Tensor], extra: list[list[torch.Tensor]]) -> _Tensors:
+    def _direction(
+        self,
+        group: dict[str, Any],
+        y: list[torch.Tensor],
+        g: list[torch.Tensor],
+        extra: list[list[torch.Tensor]],
+        scratch: list[torch.Tensor] | None,
+    ) -> tuple[_Tensors, float]:
         (v,) = extra
-        beta2 = group["betas"][1]
+        beta2, eps, wd = group["betas"][1], group["eps"], group["weight_decay"]
         # `k` was already advanced by step(): it is t, the number of gradients seen.
-        bias2 = 1.0 - beta2 ** group["k"]
+        s = (1.0 - beta2 ** group["k"]) ** 0.5  # sqrt of the bias correction
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
-        # d = g / (sqrt(v / bias2) + eps) + wd*y, built in one temporary list.
-        d = torch._foreach_div(v, bias2)
-        torch._foreach_sqrt_(d)
-        torch._foreach_add_(d, group["eps"])
-        torch._foreach_reciprocal_(d)
-        torch._foreach_mul_(d, g)
-        if group["weight_decay"] != 0.0:
-            torch._foreach_add_(d, y, alpha=group["weight_decay"])
-        return d
+        # d = g / (sqrt(v / s^2) + eps) + wd*y = s * d',  d' = g / (sqrt(v) + s*eps) + (wd/s)*y,
+        # built in one temporary.
+        if scratch is None:
+            d = list(torch._foreach_sqrt(v))
+            torch._foreach_add_(d, s * eps)
+            d = list(torch._foreach_div(g, d))
+        else:
+            d = scratch
+            torch.sqrt(v[0], out=d[0])
+            d[0].add_(s * eps)
+            torch.div(g[0], d[0], out=d[0])
+        if wd != 0.0:
+            torch._foreach_add_(d, y, alpha=wd / s)
+        return d, s
