@@ -14,7 +14,6 @@ import io
 import os
 import pickle
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,8 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 from regimen.checkpoint import list_checkpoints
 from regimen.cli import main
 from tests.conftest import TINY_GPT, run_cli
-from tests.test_resume import write_corpus
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Payload:
@@ -48,19 +48,6 @@ class CallDCP:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (torch_save_to_dcp, (str(self.source), str(self.out)))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("data") / "corpus.txt")
 
 
 def args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:

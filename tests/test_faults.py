@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +28,10 @@ from regimen.cli import main
 from regimen.data import SampleOrder
 from tests.conftest import TINY_GPT, run_cli
 from tests.nan_model import POISON
-from tests.test_resume import write_corpus
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 BATCH, CONTEXT = 8, 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """In-process runs use one thread, like the subprocesses: far faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("data") / "corpus.txt")
 
 
 def error_line(stderr: str) -> str:

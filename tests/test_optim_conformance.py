@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import importlib
 import io
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -28,6 +27,8 @@ from torch import nn
 
 from regimen.optim import NAMES, build_optimizer, set_train_mode
 from regimen.strategy import OptimizerConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The optimizers regimen writes itself, and the module each lives in: they are written in
 # parallel with this suite, so a missing module skips (never silently passes) its cases.
@@ -75,15 +76,6 @@ def _importable(name: str) -> bool:
 
 
 ALL = [pytest.param(n, marks=pytest.mark.skipif(not _importable(n), reason=f"{OWN_MODULES.get(n)} is not importable yet")) for n in NAMES]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: intra-op threads only add synchronisation on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_every_name_has_a_learning_rate() -> None:

@@ -9,7 +9,6 @@ to catch the textbook mistakes DESIGN.md warns about.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,8 @@ from torch import nn
 
 from regimen.optim import build_optimizer
 from regimen.strategy import OptimizerConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 20
 TOL = 1e-6
@@ -36,15 +37,6 @@ CASES: dict[str, dict[str, Any]] = {
 }
 # What "auto" must pick on CPU (torch has fused CPU kernels for these four algorithms).
 FUSED_ON_CPU = {"sgd", "momentum", "nesterov", "adagrad", "adam", "adamw"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: intra-op threads only add synchronisation on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Raw(nn.Module):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,17 +20,9 @@ from regimen.optim.lars import LARS
 from regimen.optim.lion import Lion
 from regimen.optim.schedulefree import ScheduleFreeAdamW, ScheduleFreeSGD
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SCHEDULE_FREE = (ScheduleFreeAdamW, ScheduleFreeSGD)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # The tensors here are tiny: intra-op threads only add synchronisation, which turns into
-    # seconds per test on a loaded 2-core machine. Restored afterwards for the other test files.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # (id, fast class, reference class, hyperparameters): non-default values, so that weight decay,

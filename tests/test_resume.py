@@ -33,6 +33,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import ROOT, TINY_GPT
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 STEPS, EVERY = 30, 5
 # Row keys that must match exactly; time, throughput and memory legitimately differ.
@@ -40,20 +42,6 @@ COMPARED = ("step", "samples", "tokens", "loss", "lr", "batch_size", "grad_norm"
 
 
 # ---- helpers: start, watch and kill a real job ------------------------------------------------
-
-
-def write_corpus(path: Path) -> Path:
-    """200 kB of real Python source: loads in milliseconds, unlike the whole standard library."""
-    import sysconfig
-
-    root = Path(sysconfig.get_paths()["stdlib"])
-    path.write_bytes(b"\n".join(p.read_bytes() for p in sorted(root.glob("*.py"))[:40])[:200_000])
-    return path
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("data") / "corpus.txt")
 
 
 def strategy_args(corpus: Path, *extra: str, steps: int = STEPS) -> list[str]:
@@ -98,15 +86,6 @@ def descendants(pid: int) -> list[int]:
 
 
 RUNNING: list[Job] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """In-process runs use one thread too: far faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
