@@ -90,12 +90,15 @@ class Dist:
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
             timeout = dist_timeout()
+            joined: dict[str, Any] = {"timeout": timeout}
+            if (store := attempt_store(world, timeout)) is not None:
+                joined.update(store=store, rank=rank, world_size=world)
             if device_type == "cuda":
                 torch.cuda.set_device(local)
                 # device_id binds NCCL to this rank's GPU at once (eager init, no guessing later).
-                dist.init_process_group(backend="nccl", timeout=timeout, device_id=torch.device("cuda", local))
+                dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local), **joined)
             else:
-                dist.init_process_group(backend="gloo", timeout=timeout)
+                dist.init_process_group(backend="gloo", **joined)
         return cls(rank, world, local)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -111,6 +114,28 @@ class Dist:
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def attempt_store(world: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """The store of this torchrun attempt, or None where torch's default is right.
+
+    torchrun (c10d rendezvous) hosts one TCPStore in its agent and hands every attempt the same
+    address with no per-attempt prefix (pytorch/pytorch#135712). After `--max-restarts` restarts
+    the group, the new workers read the keys the dead attempt left there: rank 0's old address
+    (gloo: "connection refused") or a barrier counter already counted (a silent hang until the
+    timeout). Prefixing the keys with the attempt number gives each attempt a clean namespace.
+    Each node's agent counts the attempts and restarts all its workers together, so ranks agree;
+    a node that joins an elastic job late counts from 0: such jobs should set
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a store per rendezvous round, and no prefix here).
+
+    >>> attempt_store(2, dist_timeout()) is None  # not under torchrun's agent store
+    True
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"regimen/attempt_{attempt}", base)
 
 
 def resolve_mode(mode: str, d: Dist) -> str:

@@ -288,3 +288,28 @@ def test_stuck_rank_times_out_instead_of_hanging(base: list[str], tmp_path: Path
     assert job.returncode != 0, job.output
     # gloo names the timeout it was given: 10 s from the environment, not the 300 s default.
     assert re.search(r"[Tt]imed out waiting 10000 ?ms", job.output), job.output[-6000:]
+
+
+def test_each_torchrun_attempt_reads_only_its_own_store_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun's agent keeps one store across restarts: a restarted group must not read the dead
+    attempt's keys (rank 0's old address, spent barrier counters), or it fails or hangs."""
+    from torch import distributed as dist
+
+    from regimen.parallel import attempt_store, dist_timeout
+
+    server = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    first = attempt_store(2, dist_timeout())
+    assert first is not None
+    first.set("default_pg/rank_0", "127.0.0.1:4242")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    second = attempt_store(2, dist_timeout())
+    assert second is not None
+    assert not second.check(["default_pg/rank_0"])  # the restart starts from a clean namespace
+    second.set("default_pg/rank_0", "127.0.0.1:5353")
+    assert first.get("default_pg/rank_0") == b"127.0.0.1:4242"
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # rank 0 hosts a fresh store itself
+    assert attempt_store(2, dist_timeout()) is None
