@@ -50,8 +50,8 @@ TORCH_DEFAULT: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, A
     "schedulefree_adamw": (ref.ScheduleFreeAdamWReference, {}),
     "schedulefree_sgd": (ref.ScheduleFreeSGDReference, {}),
 }
-# Muon orthogonalises each update with Newton-Schulz iterations run as bf16 matmuls: about 50
-# GFLOP a step on this model, tens of seconds on a 2-core CPU without native bf16.
+# torch's Muon (the baseline) runs its Newton-Schulz iterations as bf16 matmuls, which a CPU
+# without native bf16 emulates: seconds a step on this model. regimen's Muon uses float32 there.
 SLOW_ON_CPU = ("muon",)
 REFERENCE_BASELINE = {"lion", "lamb", "lars", "schedulefree_adamw", "schedulefree_sgd"}
 
@@ -165,8 +165,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("speedup = torch default / regimen. (ref): torch has no such optimizer; the baseline is regimen's line-by-line reference.")
     skipped = [n for n in SLOW_ON_CPU if n not in names]
     if skipped:
-        print(f"Not timed by default: {', '.join(skipped)} (Newton-Schulz in bf16 matmuls, tens of seconds a step on a CPU without")
-        print("native bf16; the AdamW part is fused like adamw). Time it with --only muon.")
+        print(f"Not timed by default: {', '.join(skipped)} (the baseline, torch's Muon, multiplies bf16 matrices, seconds a step on a")
+        print("CPU without native bf16; regimen's Muon uses float32 there). Time it with --only muon.")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ OPTIMIZER_KEYS: dict[str, frozenset[str]] = {
     "nadam": frozenset({"betas", "eps", "momentum_decay"}),
     "radam": frozenset({"betas", "eps"}),
     "adafactor": frozenset({"beta2_decay", "eps", "d"}),
-    "muon": frozenset({"momentum", "nesterov", "ns_steps", "adjust_lr_fn", "betas", "eps"}),
+    "muon": frozenset({"momentum", "nesterov", "ns_steps", "ns_dtype", "adjust_lr_fn", "betas", "eps"}),
     "lion": frozenset({"betas"}),
     "lamb": frozenset({"betas", "eps"}),
     "lars": frozenset({"momentum", "nesterov", "trust_coefficient", "eps"}),
@@ -158,6 +158,8 @@ class OptimizerConfig:
     beta2_decay: float | None = None
     d: float | None = None
     ns_steps: int | None = None
+    # Muon's Newton-Schulz dtype: "auto" (bfloat16 where the hardware has it), "bfloat16", "float32".
+    ns_dtype: str | None = None
     adjust_lr_fn: str | None = None
     trust_coefficient: float | None = None
     warmup_steps: int | None = None
@@ -183,6 +185,10 @@ class OptimizerConfig:
             _fail("optimizer", "momentum", self.momentum, "must be in [0, 1)")
         if self.eps is not None and self.eps < 0:
             _fail("optimizer", "eps", self.eps, "must be >= 0")
+        if self.ns_dtype is not None and self.ns_dtype not in ("auto", "bfloat16", "float32"):
+            _fail("optimizer", "ns_dtype", self.ns_dtype, "allowed: auto, bfloat16, float32")
+        if self.adjust_lr_fn is not None and self.adjust_lr_fn not in ("original", "match_rms_adamw"):
+            _fail("optimizer", "adjust_lr_fn", self.adjust_lr_fn, "allowed: original, match_rms_adamw")
 
     def algorithm_keys(self) -> list[str]:
         """The optional algorithm-specific keys (those that default to None)."""

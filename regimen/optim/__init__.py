@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from regimen.optim.closure import evaluate_closure
 from regimen.optim.groups import decay_groups, muon_split, split_decay
+from regimen.optim.muon import Muon
 from regimen.strategy import OptimizerConfig
 
 # name -> (constructor, keyword arguments the name implies)
@@ -132,7 +134,7 @@ def _build_muon(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer
     # embeddings, head and norms on AdamW are not driven at a Muon-sized LR.
     kwargs.setdefault("adjust_lr_fn", "match_rms_adamw")
     muon_groups = split_decay(hidden, model, cfg.weight_decay, cfg.decay_all)
-    muon = torch.optim.Muon(muon_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs) if muon_groups else None
+    muon = Muon(muon_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs) if muon_groups else None
     adamw_groups = split_decay(rest, model, cfg.weight_decay, cfg.decay_all)
     impl = _implementation("adamw", cfg.implementation, rest)
     adamw = torch.optim.AdamW(adamw_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **adam_keys, **impl) if adamw_groups else None
@@ -177,10 +179,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for o in self.optimizers:
             o.step()
         return loss

@@ -22,6 +22,7 @@ from typing import Any, cast
 import torch
 from torch.optim import Optimizer
 
+from regimen.optim.closure import evaluate_closure
 from regimen.optim.lion import cpu_chunks, on_cpu, scratch_of
 
 
@@ -57,10 +58,7 @@ class LAMB(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One LAMB update of every parameter that has a gradient; returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
 
         scratch = scratch_of(self)
         for group in self.param_groups:

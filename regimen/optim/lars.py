@@ -26,6 +26,7 @@ from typing import Any, cast
 import torch
 from torch.optim import Optimizer
 
+from regimen.optim.closure import evaluate_closure
 from regimen.optim.lion import cpu_chunks, on_cpu, scratch_of
 
 
@@ -80,10 +81,7 @@ class LARS(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One LARS update of every parameter that has a gradient; returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
 
         scratch = scratch_of(self)
         for group in self.param_groups:

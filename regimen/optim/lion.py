@@ -20,6 +20,8 @@ from typing import Any, cast
 import torch
 from torch.optim import Optimizer
 
+from regimen.optim.closure import evaluate_closure
+
 # On CPU a step runs its ops over runs of consecutive tensors of at most this many elements (a
 # larger tensor alone): each run stays in cache across the ops of the update, and the small
 # tensors (biases, norms) share one run instead of paying Python's per-op cost each.
@@ -109,10 +111,7 @@ class Lion(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One Lion update of every parameter that has a gradient; returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
 
         scratch = scratch_of(self)
         for group in self.param_groups:

@@ -35,6 +35,7 @@ from typing import Any, TypeAlias, cast
 import torch
 from torch.optim import Optimizer
 
+from regimen.optim.closure import evaluate_closure
 from regimen.optim.lion import cpu_chunks, scratch_of
 
 # What torch's foreach ops accept; the out-of-place ones are typed as returning a tuple.
@@ -100,10 +101,7 @@ class _ScheduleFree(Optimizer):
                 f"{type(self).__name__}.step() called in eval mode: the parameters hold the average x, "
                 "not the point y where gradients belong. Call optimizer.train() after evaluating."
             )
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
 
         scratch = scratch_of(self)
         for group in self.param_groups:
