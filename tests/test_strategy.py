@@ -109,3 +109,17 @@ def test_optimizer_override_drops_the_files_keys_it_does_not_take(tmp_path):
     assert Strategy.load(path, ["optimizer.name=adam"]).optimizer.betas == [0.9, 0.99]
     with pytest.raises(UserError, match="sgd has no such parameter"):
         Strategy.load(path, ["optimizer.name=sgd", "optimizer.betas=[0.9, 0.9]"])
+
+
+def test_default_task_is_the_fast_recipe_with_a_two_minute_budget():
+    """`regimen train` with no CONFIG runs examples/fast_gpt.toml's strategy (it won time_to_loss);
+    only the budget and the evaluation interval differ."""
+    from pathlib import Path
+
+    from regimen.cli import DEFAULT_TASK
+
+    default = Strategy.load(DEFAULT_TASK).resolve().flat()
+    fast = Strategy.load(Path(__file__).parents[1] / "examples" / "fast_gpt.toml").resolve().flat()
+    differ = {k for k in default.keys() | fast.keys() if default.get(k) != fast.get(k)}
+    assert differ == {"train.steps", "train.eval_every"}
+    assert default["optimizer.name"] == "muon"
