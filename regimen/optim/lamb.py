@@ -23,7 +23,7 @@ import torch
 from torch.optim import Optimizer
 
 from regimen.optim.closure import evaluate_closure
-from regimen.optim.lion import cpu_chunks, on_cpu, scratch_of
+from regimen.optim.cpu import cpu_chunks, on_cpu, scratch_of
 
 
 class LAMB(Optimizer):

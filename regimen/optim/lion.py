@@ -8,79 +8,19 @@ One state tensor per parameter (the momentum `exp_avg`), half of Adam's. Every u
 coordinate is +-lr, so Lion wants an lr 3-10x smaller than AdamW's and a weight decay
 3-10x larger to keep lr*wd the same. The reference version is `regimen.optim.reference.LionReference`.
 
-Foreach on CUDA, one tensor at a time on CPU: CPU foreach streams the whole model through memory once per op.
-`cpu_chunks` and `Scratch` below serve all of regimen's own optimizers.
+Foreach on CUDA; on CPU runs of tensors that stay in cache (`regimen.optim.cpu`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import torch
 from torch.optim import Optimizer
 
 from regimen.optim.closure import evaluate_closure
-
-# On CPU a step runs its ops over runs of consecutive tensors of at most this many elements (a
-# larger tensor alone): each run stays in cache across the ops of the update, and the small
-# tensors (biases, norms) share one run instead of paying Python's per-op cost each.
-CPU_CHUNK_NUMEL = 1 << 16
-
-
-def on_cpu(t: torch.Tensor) -> bool:
-    """Whether `t` lives in host memory: per-tensor runs, reusable temporaries, free read-backs."""
-    return t.device.type == "cpu"
-
-
-def cpu_chunks(tensors: Sequence[torch.Tensor]) -> list[slice]:
-    """The runs of a per-(device, dtype) bucket a step updates together: the whole bucket off CPU."""
-    if not tensors or not on_cpu(tensors[0]):
-        return [slice(0, len(tensors))]
-    runs, start, size = [], 0, 0
-    for i, t in enumerate(tensors):
-        if i > start and size + t.numel() > CPU_CHUNK_NUMEL:
-            runs.append(slice(start, i))
-            start, size = i, 0
-        size += t.numel()
-    runs.append(slice(start, len(tensors)))
-    return runs
-
-
-class Scratch:
-    """The temporary of an optimizer's update for its large CPU tensors, kept across steps.
-
-    A fresh full-size temporary per large tensor costs page faults on CPU (the allocator hands
-    large blocks back to the OS when they are freed), so each is a view of one flat buffer per
-    dtype, as large as the largest tensor. Other runs get None and their foreach ops allocate:
-    off CPU the caching allocator makes that cheap, and small tensors come from the heap.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[torch.dtype, torch.Tensor] = {}
-        self._views: dict[tuple[torch.dtype, torch.Size], torch.Tensor] = {}
-
-    def like(self, run: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """[a temporary shaped as the tensor] for a run of one large floating-point CPU tensor, else None."""
-        t = run[0]
-        if len(run) != 1 or t.numel() <= CPU_CHUNK_NUMEL or not on_cpu(t) or not t.is_floating_point():
-            return None
-        view = self._views.get((t.dtype, t.shape))
-        if view is None:
-            buffer = self._buffers.get(t.dtype)
-            if buffer is None or buffer.numel() < t.numel():
-                buffer = self._buffers[t.dtype] = torch.empty(t.numel(), dtype=t.dtype)
-                self._views = {k: v for k, v in self._views.items() if k[0] != t.dtype}
-            view = self._views[(t.dtype, t.shape)] = buffer[: t.numel()].view(t.shape)
-        return [view]
-
-
-def scratch_of(optimizer: Optimizer) -> Scratch:
-    """The optimizer's `Scratch`, made on first use (a pickled or deep-copied optimizer keeps only its state)."""
-    scratch = optimizer.__dict__.get("_scratch")
-    if scratch is None:
-        scratch = optimizer.__dict__["_scratch"] = Scratch()
-    return scratch
+from regimen.optim.cpu import cpu_chunks, scratch_of
 
 
 class Lion(Optimizer):

@@ -36,7 +36,7 @@ import torch
 from torch.optim import Optimizer
 
 from regimen.optim.closure import evaluate_closure
-from regimen.optim.lion import cpu_chunks, scratch_of
+from regimen.optim.cpu import cpu_chunks, scratch_of
 
 # What torch's foreach ops accept; the out-of-place ones are typed as returning a tuple.
 _Tensors: TypeAlias = list[torch.Tensor] | tuple[torch.Tensor, ...]
