@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -35,6 +36,7 @@ from regimen.optim.closure import evaluate_closure
 NS_DTYPES = ("auto", "bfloat16", "float32")
 
 
+@functools.cache  # asked for every matrix at every step; the answer never changes
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bfloat16 matrices natively (GPUs; CPUs with AVX512-BF16 or AMX)."""
     if device.type != "cpu":
