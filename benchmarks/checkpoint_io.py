@@ -24,18 +24,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common import Table, cli, rerun_command
+from benchmarks.common import Table, cli, median_time, rerun_command
 from regimen.checkpoint import load_checkpoint, save_checkpoint
 from regimen.models import count_parameters
 from regimen.strategy import Strategy
@@ -64,15 +62,6 @@ def make_trainer(root: Path, run_dir: Path | None) -> Trainer:
     return Trainer(s, build_task(s.resolve()), run_dir)
 
 
-def median_of(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def step_time(trainer: Trainer, steps: int) -> float:
     """Median seconds of one training step (after one untimed step that allocates the state)."""
 
@@ -80,8 +69,7 @@ def step_time(trainer: Trainer, steps: int) -> float:
         out = trainer.train_step()
         trainer.progress = trainer.progress.advanced(out["batch_size"], trainer.data.tokens_per_sample)
 
-    step()
-    return median_of(step, steps)
+    return median_time(step, steps)  # its one warm-up step allocates the optimizer state
 
 
 def torch_save(trainer: Trainer, path: Path) -> None:
@@ -115,16 +103,15 @@ def run(quick: bool) -> list[Table]:
             trainer.progress = trainer.progress.advanced(8, 128)  # a new step: a new checkpoint
             saved.append(save_checkpoint(trainer))
 
-        save()  # untimed: the first save also creates the directories
-        regimen_save = median_of(save, repeats)
+        regimen_save = median_time(save, repeats)  # the untimed first save also creates the directories
         checkpoint = saved[-1]
         baseline_file = root / "baseline.pt"
-        baseline_save = median_of(lambda: torch_save(trainer, baseline_file), repeats)
+        baseline_save = median_time(lambda: torch_save(trainer, baseline_file), repeats, warmup=0)
 
         fresh = make_trainer(root, None)
         fresh.train_step()  # both loads restore into an optimizer whose state already exists
-        regimen_load = median_of(lambda: load_checkpoint(fresh, checkpoint), repeats)
-        baseline_load = median_of(lambda: torch_load(fresh, baseline_file), repeats)
+        regimen_load = median_time(lambda: load_checkpoint(fresh, checkpoint), repeats, warmup=0)
+        baseline_load = median_time(lambda: torch_load(fresh, baseline_file), repeats, warmup=0)
         mb, baseline_mb = size_mb(checkpoint), size_mb(baseline_file)
 
     io = Table(
