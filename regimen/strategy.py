@@ -59,6 +59,8 @@ OPTIMIZER_KEYS: dict[str, frozenset[str]] = {
     "schedulefree_sgd": frozenset({"momentum", "warmup_steps", "r", "weight_lr_power"}),
 }
 
+# Muon's Newton-Schulz dtype: "auto" is bfloat16 where the hardware multiplies it natively.
+NS_DTYPES = ("auto", "bfloat16", "float32")
 BUDGET_UNITS = ("steps", "samples", "tokens", "epochs")
 ALGORITHM_KEYS = frozenset().union(*OPTIMIZER_KEYS.values())
 
@@ -185,8 +187,8 @@ class OptimizerConfig:
             _fail("optimizer", "momentum", self.momentum, "must be in [0, 1)")
         if self.eps is not None and self.eps < 0:
             _fail("optimizer", "eps", self.eps, "must be >= 0")
-        if self.ns_dtype is not None and self.ns_dtype not in ("auto", "bfloat16", "float32"):
-            _fail("optimizer", "ns_dtype", self.ns_dtype, "allowed: auto, bfloat16, float32")
+        if self.ns_dtype is not None and self.ns_dtype not in NS_DTYPES:
+            _fail("optimizer", "ns_dtype", self.ns_dtype, "allowed: " + ", ".join(NS_DTYPES))
         if self.adjust_lr_fn is not None and self.adjust_lr_fn not in ("original", "match_rms_adamw"):
             _fail("optimizer", "adjust_lr_fn", self.adjust_lr_fn, "allowed: original, match_rms_adamw")
 

@@ -32,8 +32,7 @@ import torch
 from torch.optim import _muon
 
 from regimen.optim.closure import evaluate_closure
-
-NS_DTYPES = ("auto", "bfloat16", "float32")
+from regimen.strategy import NS_DTYPES
 
 
 @functools.cache  # asked for every matrix at every step; the answer never changes
