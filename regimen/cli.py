@@ -15,17 +15,10 @@ Example:
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import subprocess
+import importlib
 import sys
-import time
-from pathlib import Path
 
 from regimen.errors import UserError
-
-# What `regimen train` trains when no CONFIG is given.
-DEFAULT_TASK = Path(__file__).with_name("default_task.toml")
 
 
 def _add_strategy_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +26,7 @@ def _add_strategy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any strategy key, e.g. optimizer.lr=3e-4")
 
 
-def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+def split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     """argparse cannot tell `CONFIG` from a first override; a value with '=' is an override."""
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not config.endswith(".toml"):
@@ -120,6 +113,16 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     return dict(action.choices)
 
 
+# Each subcommand is `run(args) -> exit code` in the module that owns it, imported only when it
+# runs (so `regimen --help` never imports torch).
+COMMANDS = {
+    "train": "regimen.runner",
+    "compare": "regimen.compare",
+    "lr-find": "regimen.lr_find",
+    "report": "regimen.report",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `regimen` command; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -130,92 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     # Options may come after the overrides (`regimen train x.y=1 --run-dir D`): intermixed.
     args = commands[argv[0]].parse_intermixed_args(argv[1:])
     args.command = argv[0]
+    if hasattr(args, "config"):
+        args.config, args.overrides = split_config(args)
     try:
-        if args.command == "train":
-            return cmd_train(args)
-        if args.command == "compare":
-            from regimen import compare
-
-            config, overrides = _split_config(args)
-            return compare.main(config, overrides, args)
-        if args.command == "lr-find":
-            from regimen import lr_find
-
-            config, overrides = _split_config(args)
-            sweep = lr_find.Sweep(min_lr=args.min_lr, max_lr=args.max_lr, steps=args.steps)
-            return lr_find.main(config, overrides, sweep, args.out)
-        if args.command == "report":
-            from regimen import report
-
-            return report.main(
-                [
-                    *args.run_dirs,
-                    *(["--out", args.out] if args.out else []),
-                    *(["--target-loss", str(args.target_loss)] if args.target_loss is not None else []),
-                ]
-            )
-        raise AssertionError(args.command)
+        module = importlib.import_module(COMMANDS[args.command])
+        return int(module.run(args))
     except UserError as e:
         print(f"regimen: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("regimen: interrupted", file=sys.stderr)
         return 130
-
-
-def _default_run_dir() -> Path:
-    return Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
-
-
-def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
-    """Refuse to clobber an existing run: it needs --resume or --overwrite."""
-    exists = run_dir.exists() and any(run_dir.iterdir())
-    if exists and not (resume or overwrite):
-        raise UserError(f"run directory {str(run_dir)!r} exists; pass --resume auto to continue it or --overwrite to replace it")
-    if exists and overwrite and not resume:
-        shutil.rmtree(run_dir)
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from regimen.strategy import Strategy
-
-    config, overrides = _split_config(args)
-    strategy = Strategy.load(config or DEFAULT_TASK, overrides)
-    if args.print_config:
-        print(strategy.resolve().to_toml(), end="")
-        return 0
-    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
-    if args.nproc is not None and args.nproc < 1:
-        raise UserError(f"--nproc = {args.nproc}: must be >= 1")
-    if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        prepare_run_dir(run_dir, args.resume, args.overwrite)
-        return launch_torchrun(args, config, overrides, run_dir)
-    # torchrun sets TORCHELASTIC_RESTART_COUNT=0 on the first attempt: check the run directory
-    # then, but not on restarts (they resume into it).
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    if int(os.environ.get("RANK", "0")) == 0 and first_attempt:
-        prepare_run_dir(run_dir, args.resume, args.overwrite)
-    from regimen.runner import run_training
-
-    return run_training(strategy, run_dir, resume=args.resume)
-
-
-def launch_torchrun(args: argparse.Namespace, config: str | None, overrides: list[str], run_dir: Path) -> int:
-    """Start `torchrun --standalone --nproc-per-node N -m regimen train ...` and wait for it."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={args.nproc}",
-        f"--max-restarts={args.max_restarts}",
-    ]
-    cmd += ["-m", "regimen", "train", *([config] if config else []), *overrides, "--run-dir", str(run_dir)]
-    if args.resume:
-        cmd += ["--resume", args.resume]
-    elif args.max_restarts:
-        cmd += ["--resume", "auto"]  # restarted workers continue from the last checkpoint
-    return subprocess.call(cmd)
 
 
 if __name__ == "__main__":

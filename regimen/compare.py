@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from regimen.errors import UserError
-from regimen.strategy import Strategy, apply_override, parse_value, read_toml
+from regimen.strategy import DEFAULT_TASK, Strategy, apply_overrides, parse_value, read_toml
 
 # The classic comparison (`regimen compare` with no arguments). The task is the built-in MLP on
 # the synthetic 10-class Gaussian mixture (10,800 training samples): small enough for full-batch
@@ -316,13 +316,12 @@ def make_plan(config: str | Path | None, overrides: Sequence[str], vary: Sequenc
     """
     grid = parse_vary(vary)
     classic = config is None and not grid
-    where = "the classic comparison" if classic else str(config)
-    tree: dict[str, Any] = tomllib.loads(CLASSIC) if classic else (read_toml(config) if config is not None else {})
+    where = "the classic comparison" if classic else (str(config) if config is not None else "the default task")
+    tree: dict[str, Any] = tomllib.loads(CLASSIC) if classic else read_toml(config if config is not None else DEFAULT_TASK)
     entries = read_entries(tree.pop("strategies"), where) if "strategies" in tree else []
     if not entries and not grid:
         raise UserError(f"compare: nothing to compare in {where}: give --vary section.key=v1,v2 or [[strategies]] tables in the file")
-    for item in overrides:
-        apply_override(tree, item)
+    apply_overrides(tree, overrides)
     base = Strategy.from_dict(tree)
     held = _hold_derived(tree, base)
     if base.checkpoint.every == 0 and base.checkpoint.every_minutes == 0:
@@ -711,8 +710,9 @@ def format_ranking(run_dirs: Sequence[Path]) -> str:
     return "\n".join(lines)
 
 
-def main(config: str | None, overrides: list[str], args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """`regimen compare`: plan, check, train what is left, report; prints where the report is."""
+    config, overrides = args.config, args.overrides
     if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs = {args.jobs}: must be >= 1")
     if args.target_loss is not None and not math.isfinite(args.target_loss):

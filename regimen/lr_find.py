@@ -426,15 +426,14 @@ def format_result(result: LRFindResult, sweep: Sweep, plot_path: Path | None) ->
     return "\n".join(lines)
 
 
-def main(config: str | None, overrides: list[str], sweep: Sweep, out: str | None) -> int:
+def run(args: Any) -> int:
     """`regimen lr-find`: the range test of a strategy's built-in task; prints the override."""
     from regimen.task import build_task
 
+    sweep = Sweep(min_lr=args.min_lr, max_lr=args.max_lr, steps=args.steps)
     sweep.validate()
-    from regimen.cli import DEFAULT_TASK
-
-    strategy = Strategy.load(config or DEFAULT_TASK, overrides)
-    out_dir = Path(out) if out else Path("runs") / time.strftime("lr-find-%Y%m%d-%H%M%S")
+    strategy = Strategy.from_cli(args.config, args.overrides)
+    out_dir = Path(args.out) if args.out else Path("runs") / time.strftime("lr-find-%Y%m%d-%H%M%S")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {str(out_dir)!r} exists and is not a directory")
     result = range_test(build_task(strategy.resolve()), strategy, sweep)

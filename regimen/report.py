@@ -942,26 +942,9 @@ def _comparison(runs: list[Run], out: Path, base: Mapping[str, Any] | None, targ
     )
 
 
-def main(argv: list[str]) -> int:
-    """`regimen report RUN_DIR [RUN_DIR ...] [--out DIR] [--target-loss X]`; prints the path.
-
-    Example:
-        >>> main(["runs/adam", "runs/sgd", "--out", "report"])    # doctest: +SKIP
-        report/report.html
-        0
-    """
-    parser = argparse.ArgumentParser(
-        prog="regimen report",
-        description="Plot one run, or compare several, as report.html with PNG figures (self-contained, opens from disk).",
-    )
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (finished or still going)")
-    parser.add_argument("--out", metavar="DIR", help="where to write report.html (default: the run dir for one run, else ./report)")
-    parser.add_argument(
-        "--target-loss", type=float, metavar="X", help="loss for the 'time to target' column (default: chosen, see the page)"
-    )
-    parser.add_argument("--title", help="the page title")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`regimen report RUN_DIR [RUN_DIR ...] [--out DIR] [--target-loss X]`; prints the report's path."""
     out = args.out if args.out is not None else (args.run_dirs[0] if len(args.run_dirs) == 1 else "report")
-    path = write_report(args.run_dirs, out, target_loss=args.target_loss, title=args.title)
+    path = write_report(args.run_dirs, out, target_loss=args.target_loss)
     print(path)
     return 0

@@ -1,4 +1,4 @@
-"""What `regimen train` does around the trainer: build, resume, train, summarise, report.
+"""`regimen train`: the run directory, torchrun for `--nproc`, then build, resume, train, summarise, report.
 
 Example:
     >>> from regimen.strategy import Strategy
@@ -9,10 +9,16 @@ Example:
 
 from __future__ import annotations
 
+import argparse
+import os
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from regimen.errors import UserError
 from regimen.strategy import Strategy
 
 
@@ -74,3 +80,54 @@ def _write_plots(run_dir: Path) -> None:
     from regimen import report
 
     report.write_report([run_dir], run_dir)  # draws loss.png (and batch.png) too
+
+
+def _default_run_dir() -> Path:
+    return Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+
+
+def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """Refuse to clobber an existing run: it needs --resume or --overwrite."""
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if exists and not (resume or overwrite):
+        raise UserError(f"run directory {str(run_dir)!r} exists; pass --resume auto to continue it or --overwrite to replace it")
+    if exists and overwrite and not resume:
+        shutil.rmtree(run_dir)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`regimen train [CONFIG] [overrides] [--run-dir] [--resume] [--overwrite] [--nproc] [--print-config]`."""
+    strategy = Strategy.from_cli(args.config, args.overrides)
+    if args.print_config:
+        print(strategy.resolve().to_toml(), end="")
+        return 0
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc = {args.nproc}: must be >= 1")
+    if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        prepare_run_dir(run_dir, args.resume, args.overwrite)
+        return launch_torchrun(args, run_dir)
+    # torchrun sets TORCHELASTIC_RESTART_COUNT=0 on the first attempt: check the run directory
+    # then, but not on restarts (they resume into it).
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if int(os.environ.get("RANK", "0")) == 0 and first_attempt:
+        prepare_run_dir(run_dir, args.resume, args.overwrite)
+    return run_training(strategy, run_dir, resume=args.resume)
+
+
+def launch_torchrun(args: argparse.Namespace, run_dir: Path) -> int:
+    """Start `torchrun --standalone --nproc-per-node N -m regimen train ...` and wait for it."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+        f"--max-restarts={args.max_restarts}",
+    ]
+    cmd += ["-m", "regimen", "train", *([args.config] if args.config else []), *args.overrides, "--run-dir", str(run_dir)]
+    if args.resume:
+        cmd += ["--resume", args.resume]
+    elif args.max_restarts:
+        cmd += ["--resume", "auto"]  # restarted workers continue from the last checkpoint
+    return subprocess.call(cmd)

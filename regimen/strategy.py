@@ -23,7 +23,7 @@ import tomllib
 import types
 import typing
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -31,6 +31,10 @@ from typing import Any, Literal, Union, get_args, get_origin
 from regimen.errors import UserError
 
 Unit = Literal["steps", "samples", "tokens"]
+
+# The one built-in default task: what `regimen train`, `compare --vary`, `lr-find`, `tune` and
+# `plan` run when no CONFIG is given (`Strategy.default()`).
+DEFAULT_TASK = Path(__file__).with_name("default_task.toml")
 
 # Optimizer families, for the default LR-scaling rule (sqrt for adaptive methods, linear for
 # SGD-like ones, following Malladi et al. 2022 and Goyal et al. 2017).
@@ -459,36 +463,38 @@ class Strategy:
         return strategy
 
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Strategy:
-        """Read a TOML file (None = the built-in default) and apply `section.key=value` overrides.
+    def default(cls, overrides: Sequence[str] = ()) -> Strategy:
+        """The built-in default task (`regimen/default_task.toml`), what every command runs without a CONFIG.
 
-        A budget given as an override (`train.tokens=1e6`) replaces the file's budget in another
-        unit, rather than clashing with it; an `optimizer.name` given as an override drops the
-        file's hyperparameters that the new algorithm does not take (`betas` for sgd).
+        >>> Strategy.default(["train.steps=20"]).optimizer.name, Strategy.default(["train.steps=20"]).train.steps
+        ('muon', 20)
         """
-        tree: dict[str, Any] = {}
-        if path is not None:
-            tree = read_toml(path)
-        budget_keys = {f"train.{k}" for k in BUDGET_UNITS}
-        overridden = {item.partition("=")[0].strip(): item.partition("=")[2].strip() for item in overrides}
-        if overridden.keys() & budget_keys:
-            for key in budget_keys - overridden.keys():
-                tree.get("train", {}).pop(key.split(".")[1], None)
-        if "optimizer.name" in overridden:
-            # Another algorithm named on the command line keeps only the file's keys it takes.
-            name = str(parse_value(overridden["optimizer.name"]))
-            table = tree.get("optimizer", {})
-            for key in list(table):
-                dropped = key in ALGORITHM_KEYS and key not in OPTIMIZER_KEYS.get(name, ALGORITHM_KEYS)
-                if dropped and f"optimizer.{key}" not in overridden:
-                    del table[key]
-        for item in overrides:
-            apply_override(tree, item)
+        return cls.load(DEFAULT_TASK, overrides)
+
+    @classmethod
+    def from_cli(cls, config: str | Path | None, overrides: Sequence[str] = ()) -> Strategy:
+        """A command's strategy: CONFIG with its overrides, or the default task when no CONFIG is given."""
+        return cls.load(config, overrides) if config is not None else cls.default(overrides)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Strategy:
+        """Read a TOML file and apply `section.key=value` overrides (`apply_overrides`).
+
+        `path = None` starts from the sections' own defaults (a blank strategy, for building one
+        in code); commands use `from_cli`, whose "no CONFIG" is the default task.
+        """
+        tree: dict[str, Any] = read_toml(path) if path is not None else {}
+        apply_overrides(tree, overrides)
         return cls.from_dict(tree)
 
     def replace(self, overrides: Mapping[str, Any]) -> Strategy:
-        """A copy with dotted keys set, e.g. `{"optimizer.lr": 0.1}`; validated."""
+        """A copy with dotted keys set, e.g. `{"optimizer.lr": 0.1}`; validated.
+
+        As on the command line, a new `optimizer.name` drops the hyperparameters it does not take.
+        """
         tree = self.to_dict()
+        if "optimizer.name" in overrides:
+            _drop_foreign_keys(tree, str(overrides["optimizer.name"]), overrides.keys())
         for key, value in overrides.items():
             _set_dotted(tree, key, value)
         return Strategy.from_dict(tree)
@@ -583,6 +589,33 @@ def parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> None:
+    """Apply command-line overrides to a parsed strategy file, in place, as `Strategy.load` does.
+
+    A budget given as an override (`train.tokens=1e6`) replaces the file's budget in another unit
+    rather than clashing with it; an `optimizer.name` given as an override drops the file's
+    hyperparameters that the new algorithm does not take (`betas` for sgd).
+    """
+    budget_keys = {f"train.{k}" for k in BUDGET_UNITS}
+    overridden = {item.partition("=")[0].strip(): item.partition("=")[2].strip() for item in overrides}
+    if overridden.keys() & budget_keys:
+        for key in budget_keys - overridden.keys():
+            tree.get("train", {}).pop(key.split(".")[1], None)
+    if "optimizer.name" in overridden:
+        _drop_foreign_keys(tree, str(parse_value(overridden["optimizer.name"])), overridden.keys())
+    for item in overrides:
+        apply_override(tree, item)
+
+
+def _drop_foreign_keys(tree: dict[str, Any], name: str, overridden: Iterable[str]) -> None:
+    """Another algorithm named over a file keeps only the file's keys it takes (not AdamW's betas for sgd)."""
+    table = tree.get("optimizer", {})
+    for key in list(table):
+        foreign = key in ALGORITHM_KEYS and key not in OPTIMIZER_KEYS.get(name, ALGORITHM_KEYS)
+        if foreign and f"optimizer.{key}" not in overridden:
+            del table[key]
 
 
 def apply_override(tree: dict[str, Any], item: str) -> None:

@@ -30,6 +30,7 @@ from regimen.errors import UserError
 from regimen.report import MISSING, load_run, same_value, strategy_diff
 from tests.conftest import run_cli
 
+BLANK = Path(__file__).parent / "data" / "blank.toml"
 TASK = [
     "model.name=mlp",
     "model.hidden=[16]",
@@ -77,7 +78,7 @@ def metrics_mtimes(out: Path) -> dict[str, int]:
 def grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A 2 x 2 grid, trained once, two runs at a time (the resume test covers one at a time)."""
     out = tmp_path_factory.mktemp("compare") / "out"
-    r = run_cli("compare", *TASK, *GRID, "--jobs", "2", "--out", str(out))
+    r = run_cli("compare", str(BLANK), *TASK, *GRID, "--jobs", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr
     return out, r.stdout
 
@@ -102,7 +103,7 @@ def test_grid_makes_four_runs_and_a_report(grid: tuple[Path, str]) -> None:
 def test_strategies_differ_only_in_the_varied_keys(grid: tuple[Path, str]) -> None:
     out, _ = grid
     runs = [load_run(out / name) for name in sorted(NAMES)]
-    plan = make_plan(None, TASK, GRID[1::2])
+    plan = make_plan(BLANK, TASK, GRID[1::2])
     diff = strategy_diff(runs, plan.report_base())
     assert diff["sgd-linear"] == {"optimizer.name": "sgd", "lr.schedule": "linear"}
     assert all(set(d) == {"optimizer.name", "lr.schedule"} for d in diff.values())
@@ -113,7 +114,7 @@ def test_strategies_differ_only_in_the_varied_keys(grid: tuple[Path, str]) -> No
 def test_rerun_trains_nothing(grid: tuple[Path, str]) -> None:
     out, _ = grid
     before = metrics_mtimes(out)
-    r = run_cli("compare", *TASK, *GRID, "--jobs", "2", "--out", str(out))
+    r = run_cli("compare", str(BLANK), *TASK, *GRID, "--jobs", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("finished before: skipped") == 4
     assert "(0 trained now)" in r.stdout
@@ -130,7 +131,7 @@ def test_unfinished_run_resumes_from_its_checkpoint(grid: tuple[Path, str], tmp_
     # What a kill between the checkpoints of steps 4 and 6 leaves: no summary, no step-6 checkpoint.
     (run / "summary.json").unlink()
     shutil.rmtree(run / "checkpoints" / "step-00000006")
-    r = run_cli("compare", *TASK, *GRID, "--out", str(out))
+    r = run_cli("compare", str(BLANK), *TASK, *GRID, "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "adam-linear: resuming" in r.stderr and "(step 4)" in r.stderr
     assert r.stderr.count("finished before: skipped") == 3
@@ -142,7 +143,7 @@ def test_unfinished_run_resumes_from_its_checkpoint(grid: tuple[Path, str], tmp_
 def test_a_changed_plan_does_not_overwrite(grid: tuple[Path, str], tmp_path: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(grid[0], out)
-    r = run_cli("compare", *TASK, "optimizer.lr=0.5", *GRID, "--out", str(out))
+    r = run_cli("compare", str(BLANK), *TASK, "optimizer.lr=0.5", *GRID, "--out", str(out))
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "holds a different strategy" in r.stderr and "optimizer.lr" in r.stderr
 
@@ -152,7 +153,7 @@ def test_jobs_and_a_diverging_run(tmp_path: Path) -> None:
     back to is marked failed, and the other run and the report go on."""
     out = tmp_path / "out"
     task = [a for a in TASK if not a.startswith("checkpoint.")] + ["optimizer.name=sgd", "train.clip=0"]
-    r = run_cli("compare", *task, "--vary", "optimizer.lr=0.1,1e30", "--jobs", "2", "--out", str(out))
+    r = run_cli("compare", str(BLANK), *task, "--vary", "optimizer.lr=0.1,1e30", "--jobs", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "jobs 2" in r.stderr and r.stderr.count("thread(s)") == 2
     assert json.loads((out / "lr0.1" / "summary.json").read_text())["status"] == "finished"
@@ -162,7 +163,7 @@ def test_jobs_and_a_diverging_run(tmp_path: Path) -> None:
     assert "lr1e+30: failed" in r.stderr
     assert set(Tables((out / "report.html").read_text()).rows["ranking"]) == {"lr0.1", "lr1e+30"}
     # A re-run would fail the same way: it is skipped.
-    plan = make_plan(None, task, ["optimizer.lr=0.1,1e30"])
+    plan = make_plan(BLANK, task, ["optimizer.lr=0.1,1e30"])
     assert [run_status(run, out / run.name) for run in plan.runs] == ["finished", "failed"]
 
 
@@ -186,7 +187,7 @@ def test_child_threads_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_bad_vary_fails_before_training(tmp_path: Path, vary: list[str], fragment: str) -> None:
     out = tmp_path / "out"
-    r = run_cli("compare", *TASK, *[a for v in vary for a in ("--vary", v)], "--out", str(out))
+    r = run_cli("compare", str(BLANK), *TASK, *[a for v in vary for a in ("--vary", v)], "--out", str(out))
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and fragment in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
@@ -209,9 +210,9 @@ def test_vary_values_are_toml() -> None:
 
 
 def test_run_names_are_readable_and_safe() -> None:
-    plan = make_plan(None, TASK, ["optimizer.name=sgd,adam", "lr.schedule=constant,cosine"])
+    plan = make_plan(BLANK, TASK, ["optimizer.name=sgd,adam", "lr.schedule=constant,cosine"])
     assert [r.name for r in plan.runs] == ["sgd-constant", "sgd-cosine", "adam-constant", "adam-cosine"]
-    plan = make_plan(None, TASK, ["optimizer.lr=0.1,3e-4", "optimizer.betas=[0.9, 0.95],[0.9, 0.99]"])
+    plan = make_plan(BLANK, TASK, ["optimizer.lr=0.1,3e-4", "optimizer.betas=[0.9, 0.95],[0.9, 0.99]"])
     assert [r.name for r in plan.runs] == ["lr0.1-betas0.9_0.95", "lr0.1-betas0.9_0.99", "lr0.0003-betas0.9_0.95", "lr0.0003-betas0.9_0.99"]
     assert sanitize("../a b/c") == "a_b_c"
     assert run_names([(None, {"data.source": "text:/x/a b"}, []), (None, {"data.source": "text:/y/a b"}, [])]) == [
@@ -271,7 +272,7 @@ def test_strategies_file(tmp_path: Path) -> None:
 
 def test_report_base_diff_is_exactly_the_varied_keys() -> None:
     """resolve() derives lr.scale_with_batch from the optimizer and lr.reference_batch from the batch size."""
-    plan = make_plan(None, TASK, ["optimizer.name=sgd,adam", "batch.size=16,64"])
+    plan = make_plan(BLANK, TASK, ["optimizer.name=sgd,adam", "batch.size=16,64"])
     base = plan.report_base()
     for run in plan.runs:
         flat = run.resolved.flat()
@@ -294,7 +295,7 @@ def test_classic_plan() -> None:
 
 
 def test_dry_run_prints_the_plan(tmp_path: Path) -> None:
-    r = run_cli("compare", *TASK, *GRID, "--out", str(tmp_path / "out"), "--dry-run")
+    r = run_cli("compare", str(BLANK), *TASK, *GRID, "--out", str(tmp_path / "out"), "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "4 runs" in r.stdout and "sgd-linear" in r.stdout and "optimizer.name=sgd, lr.schedule=linear" in r.stdout
     assert not (tmp_path / "out").exists()
@@ -302,11 +303,22 @@ def test_dry_run_prints_the_plan(tmp_path: Path) -> None:
 
 def test_default_out_continues_the_same_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    plan = make_plan(None, TASK, ["optimizer.name=sgd,adam"])
+    plan = make_plan(BLANK, TASK, ["optimizer.name=sgd,adam"])
     first = default_out(plan)
     assert first.parent == Path("compare")
     write_plan(plan, first)
     assert (first / MANIFEST).is_file() and (first / "strategies" / "sgd.toml").is_file()
     assert default_out(plan) == first  # the same command again continues it
-    other = make_plan(None, TASK, ["optimizer.name=sgd,rmsprop"])
+    other = make_plan(BLANK, TASK, ["optimizer.name=sgd,rmsprop"])
     assert default_out(other) != first
+
+
+def test_vary_without_config_starts_from_the_default_task() -> None:
+    """One default for every command: `regimen compare --vary ...` varies the task `regimen train` runs."""
+    from regimen.strategy import Strategy
+
+    plan = make_plan(None, ["train.steps=10"], ["optimizer.lr=4e-3,8e-3"])
+    default = Strategy.default(["train.steps=10"])
+    assert plan.base.optimizer.name == default.optimizer.name == "muon"
+    assert [r.strategy.optimizer.lr for r in plan.runs] == [4e-3, 8e-3]
+    assert plan.runs[0].strategy.replace({"optimizer.lr": default.optimizer.lr}).to_dict()["lr"] == default.to_dict()["lr"]

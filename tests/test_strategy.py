@@ -116,9 +116,7 @@ def test_default_task_is_the_fast_recipe_with_a_two_minute_budget():
     only the budget and the evaluation interval differ."""
     from pathlib import Path
 
-    from regimen.cli import DEFAULT_TASK
-
-    default = Strategy.load(DEFAULT_TASK).resolve().flat()
+    default = Strategy.default().resolve().flat()
     fast = Strategy.load(Path(__file__).parents[1] / "examples" / "fast_gpt.toml").resolve().flat()
     differ = {k for k in default.keys() | fast.keys() if default.get(k) != fast.get(k)}
     assert differ == {"train.steps", "train.eval_every"}
