@@ -12,13 +12,16 @@ setup: $(VENV)/.installed
 
 # Reuse a torch that is already installed (a CUDA build on a GPU box, say) through the system
 # site-packages; otherwise install the CPU build $(TORCH), which never pulls a CUDA download.
+# Everything after torch is installed against a constraints file that pins the torch now in the
+# venv, so no dependency or optional integration can replace it (a multi-GB CUDA download).
 $(VENV)/.installed: pyproject.toml
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
 	    echo "using the installed torch"; $(PYTHON) -m venv --system-site-packages $(VENV); \
 	else \
 	    $(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q "$(TORCH)"; \
 	fi
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[dev,all]"
 	@touch $@
 
 demo: setup

@@ -321,4 +321,6 @@ def test_vary_without_config_starts_from_the_default_task() -> None:
     default = Strategy.default(["train.steps=10"])
     assert plan.base.optimizer.name == default.optimizer.name == "muon"
     assert [r.strategy.optimizer.lr for r in plan.runs] == [4e-3, 8e-3]
-    assert plan.runs[0].strategy.replace({"optimizer.lr": default.optimizer.lr}).to_dict()["lr"] == default.to_dict()["lr"]
+    assert plan.runs[0].resolved.replace({"optimizer.lr": default.optimizer.lr}).flat() == default.resolve().flat() | {
+        "checkpoint.every_minutes": 1.0
+    }
