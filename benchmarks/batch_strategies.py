@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from regimen.observe import read_metrics
+from regimen.rundir import read_metrics
 from regimen.strategy import Strategy, parse_value, read_toml
 from regimen.task import build_task
 from regimen.trainer import Trainer

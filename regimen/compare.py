@@ -64,7 +64,8 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from regimen.errors import UserError
-from regimen.strategy import DEFAULT_TASK, Strategy, apply_overrides, parse_value, read_toml
+from regimen.rundir import METRICS_FILE
+from regimen.strategy import DEFAULT_TASK, Strategy, apply_overrides, flatten, parse_value, read_toml
 
 # The classic comparison (`regimen compare` with no arguments). The task is the built-in MLP on
 # the synthetic 10-class Gaussian mixture (10,800 training samples): small enough for full-batch
@@ -194,7 +195,7 @@ class Plan:
         run varies, such as `train.steps` when every run sets another budget): those are not a
         difference between strategies, so the diff shows exactly the keys the runs set.
         """
-        from regimen.report import MISSING, same_value
+        from regimen.ranking import MISSING, same_value
 
         base = self.base.resolve().flat()
         flats = [r.resolved.flat() for r in self.runs]
@@ -264,22 +265,6 @@ def parse_vary(items: Sequence[str]) -> list[tuple[str, list[Any]]]:
             raise UserError(f"--vary {item!r}: a value is repeated")
         out.append((key, values))
     return out
-
-
-def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested tables to dotted keys, down to `section.key` (a key's own value may be a table).
-
-    >>> flatten({"optimizer": {"name": "sgd", "lr": 0.1}, "model.kwargs": {"h": 2}})
-    {'optimizer.name': 'sgd', 'optimizer.lr': 0.1, 'model.kwargs': {'h': 2}}
-    """
-    flat: dict[str, Any] = {}
-    for key, value in table.items():
-        dotted = f"{prefix}.{key}" if prefix else key
-        if not prefix and "." not in key and isinstance(value, Mapping):
-            flat.update(flatten(value, dotted))
-        else:
-            flat[dotted] = value
-    return flat
 
 
 def read_entries(raw: Any, where: str) -> list[tuple[str | None, dict[str, Any]]]:
@@ -473,9 +458,9 @@ def run_status(run: PlannedRun, run_dir: Path) -> Status:
     if saved.is_file():
         have, want = read_toml(saved), tomllib.loads(run.resolved.to_toml())
         if have != want:
-            from regimen.report import flatten_strategy, same_value
+            from regimen.ranking import same_value
 
-            a, b = flatten_strategy(have), flatten_strategy(want)
+            a, b = flatten(have), flatten(want)
             key = next((k for k in {**b, **a} if not same_value(a.get(k), b.get(k))), "?")
             raise UserError(
                 f"compare: {str(run_dir)!r} holds a different strategy ({key} = {a.get(key)!r}, the plan has {b.get(key)!r}); "
@@ -688,7 +673,7 @@ def run_compare(plan: Plan, out: Path, jobs: int = 1, target_loss: float | None 
     else:
         outcomes += [train_one(plan_file, run_dir, announce, status == "resume") for plan_file, run_dir, status in todo]
 
-    run_dirs = [out / run.name for run in plan.runs if (out / run.name / report.METRICS_FILE).is_file()]
+    run_dirs = [out / run.name for run in plan.runs if (out / run.name / METRICS_FILE).is_file()]
     if not run_dirs:
         raise UserError(f"compare: no run produced metrics (see the logs under {str(out)!r})")
     path = report.write_report(run_dirs, out, base=plan.report_base(), target_loss=target_loss)
@@ -697,13 +682,14 @@ def run_compare(plan: Plan, out: Path, jobs: int = 1, target_loss: float | None 
 
 def format_ranking(run_dirs: Sequence[Path]) -> str:
     """A few lines: the runs best first, with best validation (or final training) loss and time."""
-    from regimen import report
+    from regimen.ranking import rank_runs, ranked_on
+    from regimen.rundir import load_run
 
-    runs = [report.load_run(d) for d in run_dirs]
+    runs = [load_run(d) for d in run_dirs]
     width = max(len(r.name) for r in runs)
     lines = []
-    for i, run in enumerate(report.rank_runs(runs), 1):
-        on = report.ranked_on(run)
+    for i, run in enumerate(rank_runs(runs), 1):
+        on = ranked_on(run)
         what = f"{'best val' if on[0] == 'val' else 'final train'} loss {on[1]:.4f}" if on else "no loss"
         seconds = f"{run.wall_time:7.1f} s" if run.wall_time is not None else ""
         lines.append(f"  {i:>2}. {run.name:<{width}}  {what}  {seconds}  {run.status if run.status != 'finished' else ''}".rstrip())

@@ -365,7 +365,7 @@ def plot(result: LRFindResult, path: str | Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from regimen.report import PALETTE
+    from regimen.figures import PALETTE
 
     fig = Figure(figsize=(7.5, 4.5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)

@@ -1,69 +1,20 @@
-"""What a run shows and records: the progress display and `metrics.jsonl`.
+"""What a run shows as it trains: the progress display, and the logged rows' other sinks (TensorBoard).
 
-Only rank 0 observes. `metrics.jsonl` gets one JSON object per logged step (and one per
-evaluation), flushed line by line so a report can read a run that is still going; a resumed
-run appends after dropping the rows past its checkpoint, so no step is ever duplicated.
+Only rank 0 observes. The rows themselves are written to the run directory's `metrics.jsonl`
+by `regimen.rundir.MetricsWriter`.
 
 Example:
-    >>> import tempfile, pathlib
-    >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> with MetricsWriter(d / "metrics.jsonl") as w:
-    ...     w.write({"step": 1, "loss": 2.5})
-    >>> read_metrics(d / "metrics.jsonl")
-    [{'step': 1, 'loss': 2.5}]
+    >>> import io
+    >>> d = ProgressDisplay(10, "steps", mode="lines", stream=io.StringIO())
+    >>> d.update(5, {"step": 5, "loss": 2.0, "lr": 1e-3, "batch_size": 8}); d.close()
 """
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a metrics file; a torn last line (a run killed mid-write) is ignored."""
-    rows: list[dict[str, Any]] = []
-    p = Path(path)
-    if not p.exists():
-        return rows
-    for line in p.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-class MetricsWriter:
-    """Appends rows to `metrics.jsonl`; `truncate_after(step)` drops rows a resume will redo."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.file: TextIO = self.path.open("a")
-
-    def truncate_after(self, step: int) -> None:
-        """Keep only rows with `step <= step` (rows past a checkpoint are recomputed)."""
-        self.file.close()
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.file = self.path.open("a")
-
-    def write(self, row: dict[str, Any]) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        self.file.write(json.dumps(clean) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-    def __enter__(self) -> MetricsWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _fmt_rate(tokens_per_s: float) -> str:

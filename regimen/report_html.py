@@ -7,8 +7,8 @@ The pages carry `data-*` attributes (`data-run`, `data-key`, `data-rank`) so tha
 scripts can read them without scraping text.
 
 Example:
-    >>> from regimen import report
-    >>> html = single_page(report.load_run("runs/adam"), [], unit="nats/token",
+    >>> from regimen.rundir import load_run
+    >>> html = single_page(load_run("runs/adam"), [], unit="nats/token",
     ...                    data="tokens", base=None, target=None, title="adam")  # doctest: +SKIP
 """
 
@@ -20,8 +20,11 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from regimen.ranking import MISSING, Comparison, ranked_on, same_value, time_to_loss
+
 if TYPE_CHECKING:
-    from regimen.report import FigureFile, Run
+    from regimen.figures import FigureFile
+    from regimen.rundir import Run
 
 CSS = """
 :root { --fg: #1f2328; --muted: #59636e; --line: #d8dee4; --panel: #ffffff; --page: #f3f5f7;
@@ -144,8 +147,6 @@ def fmt_duration(seconds: float | None) -> str:
 
 def fmt_value(value: Any) -> str:
     """A strategy value as TOML writes it (`true`, `0.0003`, `[0.9, 0.95]`); unset as a dash."""
-    from regimen.report import MISSING
-
     if value is MISSING:
         return "—"
     if isinstance(value, bool):
@@ -235,22 +236,9 @@ def _footer(runs: Sequence[Run]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def comparison_page(
-    runs: Sequence[Run],
-    ranked: Sequence[Run],
-    figures: Sequence[FigureFile],
-    *,
-    winner: str | None,
-    colours: Mapping[str, tuple[str, Any]],
-    unit: str,
-    data: str,
-    target: tuple[float, str] | None,
-    diff: Mapping[str, Mapping[str, Any]],
-    shared: Mapping[str, Any],
-    base_given: bool,
-    title: str,
-) -> str:
-    """The page comparing several runs (see `regimen.report.write_report`)."""
+def comparison_page(c: Comparison, figures: Sequence[FigureFile], colours: Mapping[str, tuple[str, Any]], title: str) -> str:
+    """The page comparing several runs (see `regimen.report.write_report`); `colours` are the figures' run styles."""
+    runs, ranked, winner, unit, data = c.runs, c.ranked, c.winner, c.unit, c.data
     finished = sum(r.status == "finished" for r in runs)
     going = sum(r.status == "running" for r in runs)
     counts = f"{len(runs)} runs: {finished} finished" + (f", {going} running" if going else "")
@@ -266,14 +254,14 @@ def comparison_page(
 
     body = [
         head,
-        _ranking(ranked, winner, colours, unit, data, target),
-        _diff_section(runs, colours, diff, base_given),
+        _ranking(ranked, winner, colours, unit, data, c.target),
+        _diff_section(runs, colours, c.diff, c.base_given),
         "<section id='loss'><h2>Loss</h2>"
         f"<p class='note'>Training loss (left) and validation loss (right), in {e(unit)}, against steps, "
         f"{e(data)} and wall-clock time. Non-finite values are left out.</p>"
         f"{_figures(figures[:3])}</section>",
         f"<section id='schedules'><h2>Schedules</h2>{_figures(figures[3:])}</section>",
-        _shared_section(shared),
+        _shared_section(c.shared),
         _footer(runs),
     ]
     return _document(title, "\n".join(body))
@@ -287,8 +275,6 @@ def _ranking(
     data: str,
     target: tuple[float, str] | None,
 ) -> str:
-    from regimen.report import ranked_on, time_to_loss
-
     rate = "tokens/s" if data == "tokens" else "samples/s"
     target_head = f"time to ≤ {target[0]:.4f}" if target else "time to target"
     heads = [
@@ -415,8 +401,6 @@ def single_page(
     title: str,
 ) -> str:
     """The page of one run: summary numbers, its figures and its strategy."""
-    from regimen.report import time_to_loss
-
     cards = [
         ("best val loss", fmt_loss(run.best_val_loss), unit),
         ("final train loss", fmt_loss(run.final_loss), unit),
@@ -462,8 +446,6 @@ def single_page(
 
 
 def _strategy_section(run: Run, base: Mapping[str, Any] | None) -> str:
-    from regimen.report import MISSING, same_value
-
     if not run.strategy:
         return "<section id='strategy'><h2>Strategy</h2><p class='note'>No <code>strategy.toml</code> in this run directory.</p></section>"
     blocks = []

@@ -69,17 +69,13 @@ def run_training(strategy: Strategy, run_dir: str | Path | None, resume: str | N
     result = trainer.fit()
     if trainer.is_main:
         if run_dir is not None and resolved.observe.report:
-            _write_plots(run_dir)
+            from regimen.report import write_report
+
+            write_report([run_dir], run_dir)
         if not quiet:
             print(format_summary(result.summary, run_dir))
     trainer.dist.close()
     return 0
-
-
-def _write_plots(run_dir: Path) -> None:
-    from regimen import report
-
-    report.write_report([run_dir], run_dir)  # draws loss.png (and batch.png) too
 
 
 def _default_run_dir() -> Path:

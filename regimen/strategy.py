@@ -553,7 +553,26 @@ class Strategy:
 
     def flat(self) -> dict[str, Any]:
         """`{"section.key": value}` for every key (for diffs between runs)."""
-        return {f"{s}.{k}": v for s, table in self.to_dict().items() for k, v in table.items()}
+        return flatten(self.to_dict())
+
+
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested tables to dotted keys, down to `section.key`: the one flattener of strategies.
+
+    A key's own value may be a table (`model.kwargs`), and keys already dotted are kept, so a
+    `[[strategies]]` table that mixes both forms flattens too.
+
+    >>> flatten({"optimizer": {"name": "sgd", "lr": 0.1}, "model.kwargs": {"h": 2}})
+    {'optimizer.name': 'sgd', 'optimizer.lr': 0.1, 'model.kwargs': {'h': 2}}
+    """
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if "." not in key and isinstance(value, Mapping):
+            for name, item in value.items():
+                flat[f"{key}.{name}"] = item
+        else:
+            flat[key] = value
+    return flat
 
 
 def copy_strategy(s: Strategy) -> Strategy:

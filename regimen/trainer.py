@@ -46,9 +46,10 @@ from regimen import parallel
 from regimen.data import SampleOrder, micro_sizes, split_evenly
 from regimen.errors import UserError
 from regimen.noise import ConsecutiveGradients, NoiseScaleEstimator, grad_sqnorm
-from regimen.observe import MetricsWriter, ProgressDisplay, TensorBoardLogger
+from regimen.observe import ProgressDisplay, TensorBoardLogger
 from regimen.optim import build_optimizer, set_train_mode
 from regimen.progress import Progress, Unit
+from regimen.rundir import MetricsWriter
 from regimen.schedules import budget_reached, build_batch_schedule, build_lr_schedule, lr_batch_scale, simulate_budget
 from regimen.strategy import Strategy
 from regimen.task import Task, build_task, mse
@@ -325,7 +326,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             s.save(self.run_dir / "strategy.toml")
             writer = MetricsWriter(self.run_dir / "metrics.jsonl")
-            writer.truncate_after(self.progress.step)  # a resumed run redoes what followed its checkpoint
+            if self.progress.step > 0:
+                writer.resume_from(self.progress.step)  # a resumed run redoes what followed its checkpoint
             if s.observe.tensorboard:
                 tb = TensorBoardLogger(self.run_dir / "tensorboard")
         mode = s.observe.progress if self.is_main else "none"
@@ -342,7 +344,7 @@ class Trainer:
                 if self._on_nonfinite(out, display):  # rolled back: forget the rows after the checkpoint
                     history = [r for r in history if r["step"] <= self.progress.step]
                     if writer:
-                        writer.truncate_after(self.progress.step)
+                        writer.resume_from(self.progress.step)
                     last_log_tokens = self.progress.tokens
                 continue
             self.skips_in_row = 0

@@ -27,8 +27,8 @@ from torch import nn
 
 from regimen.checkpoint import list_checkpoints, load_checkpoint
 from regimen.data import TaskData, TensorSamples
-from regimen.observe import read_metrics
 from regimen.progress import Progress, Unit
+from regimen.rundir import read_metrics
 from regimen.schedules import AdaptiveBatch, build_lr_schedule, lr_batch_scale
 from regimen.strategy import Strategy
 from regimen.task import Task, mse
@@ -314,10 +314,12 @@ def test_adaptive_batch_follows_the_logged_noise_scale(tmp_path: Path) -> None:
     assert max(sizes) == 32, "the noise scale of this problem exceeds 32 near the optimum: the batch should reach max"
     assert trainer.batch_schedule.state_dict()["size"] == replay.size
     # The plot of the run shows batch size and noise scale.
-    from regimen.report import plot_run
+    from regimen.figures import plot_style, single_figures
+    from regimen.rundir import load_run
 
-    files = plot_run(tmp_path)
-    assert tmp_path / "batch.png" in files and (tmp_path / "batch.png").stat().st_size > 0
+    with plot_style():
+        files = [f.file for f in single_figures(load_run(tmp_path), tmp_path, include_progress=False)]
+    assert "batch.png" in files and (tmp_path / "batch.png").stat().st_size > 0
 
 
 def test_adaptive_state_round_trips_through_training_state() -> None:

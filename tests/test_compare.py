@@ -27,7 +27,8 @@ from regimen.compare import (
     write_plan,
 )
 from regimen.errors import UserError
-from regimen.report import MISSING, load_run, same_value, strategy_diff
+from regimen.ranking import MISSING, same_value, strategy_diff
+from regimen.rundir import load_run, read_metrics
 from tests.conftest import run_cli
 
 BLANK = Path(__file__).parent / "data" / "blank.toml"
@@ -127,7 +128,7 @@ def test_unfinished_run_resumes_from_its_checkpoint(grid: tuple[Path, str], tmp_
     out = tmp_path / "out"
     shutil.copytree(grid[0], out)
     run = out / "adam-linear"
-    whole = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    whole = read_metrics(run / "metrics.jsonl")
     # What a kill between the checkpoints of steps 4 and 6 leaves: no summary, no step-6 checkpoint.
     (run / "summary.json").unlink()
     shutil.rmtree(run / "checkpoints" / "step-00000006")
@@ -135,7 +136,7 @@ def test_unfinished_run_resumes_from_its_checkpoint(grid: tuple[Path, str], tmp_
     assert r.returncode == 0, r.stderr
     assert "adam-linear: resuming" in r.stderr and "(step 4)" in r.stderr
     assert r.stderr.count("finished before: skipped") == 3
-    resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    resumed = read_metrics(run / "metrics.jsonl")
     assert [(x["step"], x["loss"]) for x in resumed] == [(x["step"], x["loss"]) for x in whole]
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"
 

@@ -40,6 +40,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from regimen.rundir import read_metrics
 from tests.conftest import ROOT
 from tests.failing_model import MESSAGE
 
@@ -94,7 +95,7 @@ class Job:
         return self
 
     def rows(self) -> list[dict]:
-        return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+        return read_metrics(self.run_dir / "metrics.jsonl")
 
     def summary(self) -> dict:
         return json.loads((self.run_dir / "summary.json").read_text())

@@ -26,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 from regimen.checkpoint import latest_checkpoint, load_checkpoint
 from regimen.cli import main
 from regimen.data import SampleOrder
+from regimen.rundir import read_metrics
 from tests.conftest import TINY_GPT, run_cli
 from tests.nan_model import POISON
 
@@ -48,7 +49,7 @@ def snapshot(run_dir: Path) -> dict[str, str]:
 
 
 def rows(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir / "metrics.jsonl")
 
 
 # ---- non-finite losses: skip, roll back, stop ------------------------------------------------

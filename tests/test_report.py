@@ -15,8 +15,12 @@ from typing import Any
 
 import pytest
 
+from regimen.cli import main as cli_main
 from regimen.errors import UserError
-from regimen.report import load_run, main, plot_run, rank_runs, read_metrics, strategy_diff, write_report
+from regimen.figures import plot_style, single_figures
+from regimen.ranking import rank_runs, strategy_diff
+from regimen.report import write_report
+from regimen.rundir import load_run, read_metrics
 from regimen.strategy import Strategy
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -196,7 +200,17 @@ def test_target_loss_given(tmp_path: Path) -> None:
     assert "not reached" in text
 
 
-def test_plot_run(tmp_path: Path) -> None:
+def plot_run(run_dir: Path) -> list[Path]:
+    """The figures of a one-run page, drawn into the run directory."""
+    with plot_style():
+        return [run_dir / f.file for f in single_figures(load_run(run_dir), run_dir, include_progress=False)]
+
+
+def main(argv: list[str]) -> int:
+    return cli_main(["report", *argv])
+
+
+def test_run_figures(tmp_path: Path) -> None:
     fixed = make_run(tmp_path / "fixed")
     assert plot_run(fixed) == [fixed / "loss.png"]
     assert (fixed / "loss.png").read_bytes()[:8] == PNG_MAGIC
@@ -317,8 +331,7 @@ def test_bad_run_dirs(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"no metrics\.jsonl") as info:
         write_report([tmp_path / "not_a_run"], tmp_path / "out")
     assert "\n" not in str(info.value)
-    with pytest.raises(UserError):
-        main([str(tmp_path / "nope")])
+    assert main([str(tmp_path / "nope")]) == 2
     assert not (tmp_path / "out").exists()
 
 

@@ -17,7 +17,6 @@ machine.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -31,6 +30,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from regimen.rundir import read_metrics
 from tests.conftest import ROOT, TINY_GPT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -185,7 +185,7 @@ def train(args: list[str], run_dir: Path, log: Path) -> str:
 
 
 def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir / "metrics.jsonl")
 
 
 def compared_rows(run_dir: Path) -> list[dict]:
