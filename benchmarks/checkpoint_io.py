@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 from benchmarks.common import Table, cli, median_time, rerun_command
-from regimen.checkpoint import load_checkpoint, save_checkpoint
 from regimen.models import count_parameters
 from regimen.strategy import Strategy
 from regimen.task import build_task
@@ -101,7 +100,7 @@ def run(quick: bool) -> list[Table]:
 
         def save() -> None:
             trainer.progress = trainer.progress.advanced(8, 128)  # a new step: a new checkpoint
-            saved.append(save_checkpoint(trainer))
+            saved.append(trainer.save())
 
         regimen_save = median_time(save, repeats)  # the untimed first save also creates the directories
         checkpoint = saved[-1]
@@ -110,7 +109,7 @@ def run(quick: bool) -> list[Table]:
 
         fresh = make_trainer(root, None)
         fresh.train_step()  # both loads restore into an optimizer whose state already exists
-        regimen_load = median_time(lambda: load_checkpoint(fresh, checkpoint), repeats, warmup=0)
+        regimen_load = median_time(lambda: fresh.checkpointer.load(checkpoint), repeats, warmup=0)
         baseline_load = median_time(lambda: torch_load(fresh, baseline_file), repeats, warmup=0)
         mb, baseline_mb = size_mb(checkpoint), size_mb(baseline_file)
 

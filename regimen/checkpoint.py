@@ -1,34 +1,46 @@
-"""Crash-safe checkpoints, resume discovery, and the final safetensors export.
+"""Checkpoints over named stateful parts: atomic saves, checksums, resume discovery, the final export.
+
+A `Checkpointer` saves and loads a set of named parts, each an object with `state_dict()` and
+`load_state_dict(state)` (torchtitan's design): it knows nothing about the trainer, so a new
+stateful part is one `add` and no change here. Each part says how it is stored:
+
+- `"tensors"`: sharded tensors through `torch.distributed.checkpoint` (DCP), which reshards on
+  load (an FSDP2 checkpoint of 2 ranks resumes on 1): the model and the optimizer (`ModelState`).
+- `"json"`: plain data, the same on every rank, written by rank 0 into `train_state.json`: the
+  counters, the batch schedule's and the noise estimator's state.
+- `"rank"`: tensors that differ per rank, one `<name>-rank<r>.pt` file each: the RNG state, the
+  noise estimator's previous gradient.
 
 Layout of a run directory's `checkpoints/`:
 
 ```
 step-00000120/             a complete checkpoint (renamed into place only when whole)
-    .metadata, *.distcp    model and optimizer, torch.distributed.checkpoint (sharded under FSDP2)
-    train_state.json       progress, schedule and estimator state, skips, the metrics window
-    rng-rank{r}.pt         every rank's CPU (and CUDA) RNG state
-    strategy.toml          the resolved strategy
+    .metadata, *.distcp    the "tensors" parts (DCP)
+    train_state.json       the "json" parts
+    rng-rank{r}.pt         a "rank" part, per rank
+    strategy.toml          the resolved strategy the state was trained with
+    MANIFEST.json          every file's size and SHA-256, written at save, verified at load
     COMPLETE               written last, before the rename
 .tmp-step-00000130/        a save in progress (or one a crash interrupted): never loaded
 ```
 
 Guarantees (docs/reliability.md names the test of each):
-- A save writes into `.tmp-step-N`, fsyncs, writes `COMPLETE`, then renames to `step-N`; a crash
-  or a write error mid-save leaves the previous checkpoint whole, and the run says so in one line.
+- A save writes into `.tmp-step-N`, fsyncs, writes `COMPLETE`, then renames to `step-N`; a crash,
+  a write error or Ctrl-C mid-save leaves the previous checkpoint whole (Ctrl-C then ends the run
+  as an ordinary interrupt, exit 130).
+- Every file's checksum is recorded at save and verified before anything is loaded: a flipped
+  bit in a shard, the metadata, the RNG file or the counters is found, and the checkpoint is
+  refused as corrupt.
 - Loading never unpickles code. DCP's `.metadata` is read with an unpickler that admits only the
-  dataclasses and enums DCP's metadata is made of (no functions: DCP's own modules hold some that
-  write files or call `torch.load(weights_only=False)`). DCP's non-tensor items (optimizer
-  hyperparameters) are checked with torch's weights-only unpickler before DCP reads them, since
-  DCP's default planner unpickles them with `weights_only=False`. Tensor files use
-  `weights_only=True`; the rest is JSON.
-- A checkpoint of a different model (a parameter missing, extra, or of another shape) is refused
-  before anything is loaded: DCP alone would silently ignore the parameters a smaller model lacks.
-- `--resume auto` skips an incomplete or corrupt checkpoint with a warning naming it, but never
-  starts over a run whose checkpoints all fail to load (that would truncate its metrics and prune
-  its checkpoints): that, and a checkpoint of a different model, is an error.
-- Every rank makes the same decision: a failure on one rank is all-reduced, so no rank resumes
-  from one checkpoint while another skips it.
-- DCP reshards on load: an FSDP2 checkpoint of 2 ranks resumes on 1 (or any number).
+  dataclasses and enums DCP's metadata is made of; DCP's non-tensor items (optimizer
+  hyperparameters) pass torch's weights-only unpickler before DCP reads them; tensor files use
+  `weights_only=True`; the rest is JSON, checked key by key.
+- A checkpoint of a different model (a parameter missing, extra, or of another shape) or of
+  another optimizer is refused before anything is loaded (`CheckpointMismatch`).
+- `resume("auto")` skips a checkpoint that is incomplete, fails verification or raises anything
+  while loading, with a warning naming it, and falls back to the previous one; it never starts
+  over a run whose checkpoints all fail (that would truncate its history): that is an error.
+- Every rank makes the same decision: a failure on one rank is all-reduced.
 
 Example:
     >>> latest_checkpoint("/nonexistent") is None
@@ -38,8 +50,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import enum
+import hashlib
 import importlib
 import io
 import json
@@ -48,12 +62,14 @@ import pickle
 import shutil
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
@@ -61,19 +77,31 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from regimen.errors import UserError
 from regimen.optim import CombinedOptimizer, set_train_mode
+from regimen.parallel import Dist
 from regimen.progress import Progress
-
-if TYPE_CHECKING:
-    from regimen.trainer import Trainer
+from regimen.rundir import CHECKPOINTS_DIR, os_reason
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-step-"
 OLD_PREFIX = ".old-step-"
 COMPLETE = "COMPLETE"
+MANIFEST = "MANIFEST.json"
+JSON_FILE = "train_state.json"
+STRATEGY_FILE = "strategy.toml"
+
+Kind = Literal["tensors", "json", "rank"]
 
 
 class CheckpointMismatch(UserError):
-    """A whole checkpoint of a different model: an error even under `--resume auto`."""
+    """A whole checkpoint of a different model or optimizer: an error even under `--resume auto`."""
+
+
+class Stateful(Protocol):
+    """What a checkpoint part is: an object that gives and takes its state."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,17 +244,12 @@ def _quiet_single_process() -> Iterator[None]:
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS_DIR
 
 
 def is_complete(path: Path) -> bool:
     """A checkpoint is complete when its COMPLETE marker and its state files are there."""
-    return (
-        path.name.startswith(PREFIX)
-        and (path / COMPLETE).is_file()
-        and (path / ".metadata").is_file()
-        and (path / "train_state.json").is_file()
-    )
+    return path.name.startswith(PREFIX) and (path / COMPLETE).is_file() and (path / ".metadata").is_file() and (path / JSON_FILE).is_file()
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -252,14 +275,134 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def progress_of(path: str | Path) -> Progress:
+    """The progress recorded in a checkpoint (without loading it)."""
+    state = json.loads((Path(path) / JSON_FILE).read_text())
+    return Progress(**_json_parts(state)["train"]["progress"])
+
+
 # --------------------------------------------------------------------------------------------
-# Saving
+# The parts regimen checkpoints
 # --------------------------------------------------------------------------------------------
 
 
-def _optimizers(trainer: Trainer) -> Any:
-    opt = trainer.optimizer
-    return opt.optimizers if isinstance(opt, CombinedOptimizer) else opt
+def _optimizers(optimizer: torch.optim.Optimizer) -> Any:
+    return optimizer.optimizers if isinstance(optimizer, CombinedOptimizer) else optimizer
+
+
+class ModelState:
+    """The model and its optimizer as one "tensors" part: DCP's `get_state_dict` / `set_state_dict`.
+
+    Schedule-free optimizers are saved in eval mode (their averaged weights are the ones worth
+    keeping) and switched back after the save. `get_state_dict` builds a fresh optimizer's state
+    with one zero-LR step, which a schedule-free optimizer refuses in eval mode, so the template
+    for a load is taken in train mode.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    @contextlib.contextmanager
+    def during_io(self) -> Iterator[None]:
+        """Schedule-free optimizers in eval mode while their tensors are written or read (the
+        state dict holds the parameters themselves, so the mode must hold until DCP is done)."""
+        set_train_mode(self.optimizer, False)
+        try:
+            yield
+        finally:
+            set_train_mode(self.optimizer, True)
+
+    def state_dict(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, _optimizers(self.optimizer))
+        return {"model": model_sd, "optim": optim_sd}
+
+    def template(self) -> dict[str, Any]:
+        """Tensors shaped as this model's and optimizer's state, for DCP to load into (taken in train mode)."""
+        return self.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_state_dict(
+            self.model,
+            _optimizers(self.optimizer),
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=StateDictOptions(strict=True),
+        )
+
+    def check(self, path: Path, metadata: Any, template: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint of another model (parameter names or shapes) or another optimizer."""
+        saved = {k.removeprefix("model."): v for k, v in metadata.state_dict_metadata.items() if k.startswith("model.")}
+        model_sd = template["model"]
+        missing = [k for k in model_sd if k not in saved]
+        extra = [k for k in saved if k not in model_sd]
+        what = None
+        if missing:
+            what = f"{len(missing)} parameter(s) of this model are not in it ({', '.join(missing[:3])}); was a [model] key changed?"
+        elif extra:
+            what = f"it has {len(extra)} parameter(s) this model lacks ({', '.join(extra[:3])}); was a [model] key changed?"
+        else:
+            for key, value in model_sd.items():
+                size = getattr(saved[key], "size", None)
+                if size is not None and hasattr(value, "shape") and tuple(size) != tuple(value.shape):
+                    what = f"{key} has shape {list(size)} there but {list(value.shape)} here; was a [model] key changed?"
+                    break
+        if what is None:
+            saved_optim = {k for k in metadata.state_dict_metadata if k.startswith("optim.state.")}
+            wanted = {f"optim.{k}" for k in _flat_keys(template["optim"].get("state", {}), "state")}
+            if saved_optim and wanted and not wanted <= saved_optim:
+                lacking = sorted(wanted - saved_optim)
+                what = f"its optimizer state is of another optimizer (it lacks {lacking[0]}); was [optimizer] changed?"
+        if what is not None:
+            raise CheckpointMismatch(f"checkpoint {str(path)!r} is of a different model: {what} It was not loaded")
+
+
+def _flat_keys(tree: Mapping[str, Any], prefix: str) -> list[str]:
+    """DCP's flattened keys of a nested state dict ("state.<param>.exp_avg")."""
+    out = []
+    for key, value in tree.items():
+        name = f"{prefix}.{key}"
+        out += _flat_keys(value, name) if isinstance(value, Mapping) else [name]
+    return out
+
+
+class RNGState:
+    """torch's RNG state on this rank (CPU, and the CUDA device where there is one): a "rank" part."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state.get("cpu"), torch.Tensor) or state["cpu"].dtype != torch.uint8:
+            raise ValueError("the RNG state holds no CPU generator state")
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+
+@dataclass
+class _Part:
+    obj: Stateful
+    kind: Kind
+    # "rank" parts only: whether a checkpoint of another world size may lack this rank's file
+    # (the RNG of a rank that did not exist; the run continues with its own).
+    optional: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# The checkpointer
+# --------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -270,288 +413,393 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            _fsync(f)
-    _fsync(path)
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
 
 
-def _any_rank_failed(trainer: Trainer, failed: bool) -> bool:
-    """All-reduce a failure flag, so every rank takes the same branch (and none waits alone)."""
-    if not trainer.dist.enabled:
-        return failed
-    flag = torch.tensor([1.0 if failed else 0.0], device=trainer.device)
-    return trainer.dist.all_reduce_sum(flag).item() > 0
+def _during_io(obj: Any) -> Any:
+    """The part's own context for reading and writing its tensors (`ModelState.during_io`), if it has one."""
+    return obj.during_io() if hasattr(obj, "during_io") else contextlib.nullcontext()
 
 
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def _interrupted(e: BaseException) -> bool:
+    """Whether a (DCP-wrapped) exception is really Ctrl-C or a termination."""
+    return any(isinstance(c, KeyboardInterrupt) for c in _root_causes(e))
 
 
-def save_checkpoint(trainer: Trainer) -> Path:
-    """Save the trainer's whole state atomically; returns the checkpoint's path.
+class Checkpointer:
+    """Save and load named stateful parts into a run directory's `checkpoints/`, atomically.
 
-    Every rank calls this (DCP writes each rank's shards). Rank 0 renames the finished
-    directory into place after all ranks wrote, then prunes to the last `keep`. A write error
-    on any rank (a full disk, a lost mount) removes the partial save on every rank's behalf
-    and raises one `UserError` that says the previous checkpoint is intact.
+    Every rank builds the same checkpointer with the same parts and calls `save` / `load`
+    together (DCP writes and reads each rank's shards; the decisions are all-reduced).
+
+    Example:
+        >>> import tempfile
+        >>> class Counter:
+        ...     def __init__(self): self.n = 0
+        ...     def state_dict(self): return {"n": self.n}
+        ...     def load_state_dict(self, state): self.n = int(state["n"])
+        >>> model = torch.nn.Linear(2, 1); counter = Counter()
+        >>> ckpt = Checkpointer(tempfile.mkdtemp(), keep=2)
+        >>> ckpt.add("model", ModelState(model, torch.optim.SGD(model.parameters(), lr=0.1)), "tensors")
+        >>> ckpt.add("train", counter, "json")
+        >>> counter.n = 7; path = ckpt.save(step=7)
+        >>> counter.n = 0; ckpt.load(path); counter.n
+        7
     """
-    assert trainer.run_dir is not None, "saving needs a run directory"
-    d = trainer.dist
-    root = checkpoint_dir(trainer.run_dir)
-    step = trainer.progress.step
-    name = f"{step:08d}"
-    tmp, final = root / f"{TMP_PREFIX}{name}", root / f"{PREFIX}{name}"
-    error: BaseException | None = None
-    if d.is_main:
+
+    def __init__(
+        self,
+        run_dir: str | Path | None,
+        *,
+        keep: int,
+        dist: Dist | None = None,
+        device: torch.device | None = None,
+        files: Mapping[str, Callable[[], str]] | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir) if run_dir is not None else None  # None: loads a path given, saves nothing
+        self.root = checkpoint_dir(run_dir) if run_dir is not None else None
+        self.keep = keep
+        self.dist = dist or Dist()
+        self.device = device or torch.device("cpu")
+        self.files = dict(files or {})  # extra text files rank 0 writes into each checkpoint
+        self.parts: dict[str, _Part] = {}
+
+    def add(self, name: str, obj: Stateful, kind: Kind, optional: bool = False) -> None:
+        """Checkpoint `obj` under `name`, stored as `kind` (see the module docstring)."""
+        assert name not in self.parts, f"two checkpoint parts named {name!r}"
+        assert kind != "tensors" or not any(p.kind == "tensors" for p in self.parts.values()), "one tensors part (one DCP save)"
+        self.parts[name] = _Part(obj, kind, optional)
+
+    def _of(self, kind: Kind) -> dict[str, _Part]:
+        return {n: p for n, p in self.parts.items() if p.kind == kind}
+
+    def _any_rank_failed(self, failed: bool) -> bool:
+        """All-reduce a failure flag, so every rank takes the same branch (and none waits alone)."""
+        if not self.dist.enabled:
+            return failed
+        flag = torch.tensor([1.0 if failed else 0.0], device=self.device)
+        return self.dist.all_reduce_sum(flag).item() > 0
+
+    # ---- saving --------------------------------------------------------------------------
+
+    def save(self, step: int) -> Path:
+        """Save every part as checkpoint `step-<step>`, atomically; returns its path.
+
+        A write error on any rank (a full disk, a lost mount) removes the partial save on every
+        rank's behalf and raises one `UserError` saying the previous checkpoint is intact;
+        Ctrl-C does the same and then raises `KeyboardInterrupt`.
+        """
+        assert self.root is not None, "saving needs a run directory"
+        d = self.dist
+        name = f"{step:08d}"
+        tmp, final = self.root / f"{TMP_PREFIX}{name}", self.root / f"{PREFIX}{name}"
+        error: BaseException | None = None
         try:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        except OSError as e:
-            error = e
-    if _any_rank_failed(trainer, error is not None):
-        _save_failed(trainer, tmp, error)
-    # Schedule-free optimizers save their evaluation weights (x), the ones worth keeping.
-    set_train_mode(trainer.optimizer, False)
-    try:
-        model_sd, optim_sd = get_state_dict(trainer.model, _optimizers(trainer))
-        with _quiet_single_process():
-            dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=dcp.FileSystemWriter(str(tmp)))
-        torch.save(rng_state(trainer.device), tmp / f"rng-rank{d.rank}.pt")
+            if d.is_main:
+                try:
+                    if tmp.exists():
+                        shutil.rmtree(tmp)
+                    tmp.mkdir(parents=True)
+                except OSError as e:
+                    error = e
+            if self._any_rank_failed(error is not None):
+                self._failed(step, tmp, error)
+            try:
+                self._write(tmp)
+            except (OSError, CheckpointException) as e:  # DCP wraps each rank's error in CheckpointException
+                if _interrupted(e):
+                    raise KeyboardInterrupt from None
+                error = e
+            if self._any_rank_failed(error is not None):
+                self._failed(step, tmp, error)
+            if d.is_main:
+                try:
+                    self._publish(tmp, final, name)
+                except OSError as e:
+                    error = e
+            if self._any_rank_failed(error is not None):  # also the barrier: all ranks see the rename
+                self._failed(step, tmp, error)
+        except KeyboardInterrupt:
+            if d.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint is whole; this one never was
+            raise
         if d.is_main:
-            (tmp / "train_state.json").write_text(json.dumps(trainer.training_state(), indent=1))
-            trainer.strategy.save(tmp / "strategy.toml")
-        pair = trainer.consecutive_state()
-        if pair is not None:
-            torch.save(pair, tmp / "noise_pair.pt")
-    except (OSError, CheckpointException) as e:  # DCP wraps each rank's OSError in CheckpointException
-        error = e
-    finally:
-        set_train_mode(trainer.optimizer, True)
-    if _any_rank_failed(trainer, error is not None):
-        _save_failed(trainer, tmp, error)
-    if d.is_main:
+            self._prune(step)
+        return final
+
+    def _write(self, tmp: Path) -> None:
+        d = self.dist
+        for part in self._of("tensors").values():
+            with _during_io(part.obj), _quiet_single_process():
+                dcp.save(part.obj.state_dict(), storage_writer=dcp.FileSystemWriter(str(tmp)))
+        for part_name, part in self._of("rank").items():
+            state = part.obj.state_dict()
+            if state:
+                torch.save(state, tmp / f"{part_name}-rank{d.rank}.pt")
+        if d.is_main:
+            plain = {part_name: part.obj.state_dict() for part_name, part in self._of("json").items()}
+            (tmp / JSON_FILE).write_text(json.dumps(plain, indent=1))
+            for file, text in self.files.items():
+                (tmp / file).write_text(text())
+
+    def _publish(self, tmp: Path, final: Path, name: str) -> None:
+        """Checksums, COMPLETE, fsync, rename into place: a reader sees the whole checkpoint or none of it."""
+        manifest = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        (tmp / COMPLETE).write_text(name + "\n")
+        for f in _files(tmp):
+            _fsync(f)
+        _fsync(tmp)
+        old = final.parent / f"{OLD_PREFIX}{name}"
+        if final.exists():  # the same step saved again (after a rollback or a skipped corrupt one)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync(final.parent)  # the rename itself must survive a power cut
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _failed(self, step: int, tmp: Path, error: BaseException | None) -> None:
+        """Remove the partial save and raise one line: what failed and what is still safe."""
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = _one_line(_root_causes(error)[0]) if error is not None else "another rank could not write its part"
+        previous = self.latest()
+        kept = (
+            f"the previous checkpoint {str(previous)!r} is intact (resume with --resume auto)"
+            if previous
+            else "there is no earlier checkpoint"
+        )
+        raise UserError(f"could not save the checkpoint at step {step} ({reason}); {kept}")
+
+    def _prune(self, step: int) -> None:
+        """Keep the last `keep` complete checkpoints; drop saves a crash left at or before `step`."""
+        assert self.root is not None
+        complete = [p for p in sorted(self.root.glob(f"{PREFIX}*")) if is_complete(p)]
+        for old in complete[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in [*self.root.glob(f"{TMP_PREFIX}*"), *self.root.glob(f"{OLD_PREFIX}*")]:
+            suffix = stale.name.rsplit("-", 1)[-1]
+            if suffix.isdigit() and int(suffix) <= step:
+                shutil.rmtree(stale, ignore_errors=True)
+
+    # ---- loading -------------------------------------------------------------------------
+
+    def load(self, path: str | Path) -> None:
+        """Restore every part from a checkpoint (any world size for the "tensors" part).
+
+        Everything is verified and read before any part changes, except the tensors DCP reads
+        from a shard that passed verification; any error is a `UserError` naming the checkpoint
+        (`CheckpointMismatch` for another model or optimizer).
+        """
+        path = Path(path)
+        if not is_complete(path):
+            raise UserError(
+                f"checkpoint {str(path)!r} is not a complete regimen checkpoint (expected {COMPLETE}, .metadata and {JSON_FILE})"
+            )
+        # 1. Verify and read the small files, and the metadata, on every rank; any rank's failure stops them all.
+        error: UserError | None = None
         try:
-            _publish(tmp, final, name)
-        except OSError as e:
+            if self.dist.is_main:
+                verify(path)
+            plain, ranked, reader, metadata = self._read(path)
+        except UserError as e:
             error = e
-    if _any_rank_failed(trainer, error is not None):  # also the barrier: all ranks see the rename
-        _save_failed(trainer, tmp, error)
-    if d.is_main:
-        _prune(root, trainer.strategy.checkpoint.keep, step)
-    return final
+        if self._any_rank_failed(error is not None):
+            raise error or UserError(f"checkpoint {str(path)!r}: another rank could not read its part; it was not loaded")
+        # 2. The tensors (DCP reshards to this world size), checked against this model first.
+        tensor_parts = self._of("tensors")
+        if tensor_parts:
+            ((_, part),) = tensor_parts.items()
+            template = part.obj.template() if hasattr(part.obj, "template") else part.obj.state_dict()
+            if hasattr(part.obj, "check"):
+                part.obj.check(path, metadata, template)
+            with _during_io(part.obj):
+                try:
+                    with _quiet_single_process():
+                        dcp.load(template, storage_reader=reader, planner=_SafeLoadPlanner())
+                except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+                    if _interrupted(e):
+                        raise KeyboardInterrupt from None
+                    raise UserError(f"checkpoint {str(path)!r} could not be loaded ({_one_line(_root_causes(e)[0])})") from None
+                self._apply(path, part.obj, template, "the model and optimizer")
+        # 3. The plain and per-rank parts, already checked on copies in _read.
+        for part_name, state in {**plain, **ranked}.items():
+            self._apply(path, self.parts[part_name].obj, state, part_name)
 
-
-def _publish(tmp: Path, final: Path, name: str) -> None:
-    """COMPLETE, fsync, rename into place: a reader sees the whole checkpoint or none of it."""
-    (tmp / COMPLETE).write_text(name + "\n")
-    _fsync_tree(tmp)
-    old = final.parent / f"{OLD_PREFIX}{name}"
-    if final.exists():  # the same step saved again (after a rollback or a skipped corrupt one)
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync(final.parent)  # the rename itself must survive a power cut
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _save_failed(trainer: Trainer, tmp: Path, error: BaseException | None) -> None:
-    """Remove the partial save and raise one line: what failed and what is still safe."""
-    if trainer.dist.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    assert trainer.run_dir is not None
-    reason = _one_line(_root_causes(error)[0]) if error is not None else "another rank could not write its part"
-    previous = latest_checkpoint(trainer.run_dir)
-    kept = (
-        f"the previous checkpoint {str(previous)!r} is intact (resume with --resume auto)" if previous else "there is no earlier checkpoint"
-    )
-    raise UserError(f"could not save the checkpoint at step {trainer.progress.step} ({reason}); {kept}")
-
-
-def _prune(root: Path, keep: int, step: int) -> None:
-    """Keep the last `keep` complete checkpoints; drop saves a crash left at or before `step`."""
-    complete = [p for p in sorted(root.glob(f"{PREFIX}*")) if is_complete(p)]
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in [*root.glob(f"{TMP_PREFIX}*"), *root.glob(f"{OLD_PREFIX}*")]:
-        suffix = stale.name.rsplit("-", 1)[-1]
-        if suffix.isdigit() and int(suffix) <= step:
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
-
-
-def _check_same_model(path: Path, metadata: Any, model_sd: dict[str, Any]) -> None:
-    """Refuse a checkpoint whose model parameters differ in name or shape from this model's."""
-    saved = {k.removeprefix("model."): v for k, v in metadata.state_dict_metadata.items() if k.startswith("model.")}
-    missing = [k for k in model_sd if k not in saved]
-    extra = [k for k in saved if k not in model_sd]
-    what = None
-    if missing:
-        what = f"{len(missing)} parameter(s) of this model are not in it ({', '.join(missing[:3])})"
-    elif extra:
-        what = f"it has {len(extra)} parameter(s) this model lacks ({', '.join(extra[:3])})"
-    else:
-        for key, value in model_sd.items():
-            size = getattr(saved[key], "size", None)
-            if size is not None and hasattr(value, "shape") and tuple(size) != tuple(value.shape):
-                what = f"{key} has shape {list(size)} there but {list(value.shape)} here"
-                break
-    if what is not None:
-        raise CheckpointMismatch(f"checkpoint {str(path)!r} is of a different model: {what}; was a [model] key changed? It was not loaded")
-
-
-def load_checkpoint(trainer: Trainer, path: str | Path) -> None:
-    """Restore the trainer's whole state from a checkpoint (any world size for the model).
-
-    Everything is read and checked before anything in the trainer changes, except a tensor
-    file that DCP finds corrupt midway (then the model may be half loaded: `resume_trainer`
-    loads an older checkpoint over it, and any other caller stops).
-    """
-    path = Path(path)
-    d = trainer.dist
-    if not is_complete(path):
-        raise UserError(f"--resume {str(path)!r}: not a complete regimen checkpoint (expected {COMPLETE}, .metadata and train_state.json)")
-    # 1. The small files and the metadata, on every rank; any rank's failure stops them all.
-    error: UserError | None = None
-    try:
-        train_state = _read_train_state(path)
-        rng_file = path / f"rng-rank{d.rank}.pt"
-        rng = _load_tensors(rng_file) if rng_file.exists() else None  # another world size: no RNG of its own
-        pair_file = path / "noise_pair.pt"
-        pair = _load_tensors(pair_file) if pair_file.exists() else None
+    def _read(self, path: Path) -> tuple[dict[str, Any], dict[str, Any], SafeFileSystemReader, Any]:
+        """The json and rank parts' states (each checked by loading it into a copy), and DCP's metadata."""
+        try:
+            raw = json.loads((path / JSON_FILE).read_text())
+            plain = _json_parts(raw)
+        except (ValueError, UnicodeDecodeError, OSError, KeyError, TypeError) as e:
+            raise UserError(f"checkpoint {str(path)!r}: {JSON_FILE} is corrupt ({type(e).__name__}: {e})") from None
+        states: dict[str, Any] = {}
+        for part_name in self._of("json"):
+            if part_name not in plain:
+                raise UserError(f"checkpoint {str(path)!r}: {JSON_FILE} has no {part_name!r} state")
+            states[part_name] = plain[part_name]
+        ranked: dict[str, Any] = {}
+        for part_name, part in self._of("rank").items():
+            file = _rank_file(path, part_name, self.dist.rank)
+            if file is not None:
+                ranked[part_name] = _load_tensors(file)
+            elif not part.optional:
+                raise UserError(f"checkpoint {str(path)!r} has no {part_name}-rank{self.dist.rank}.pt")
+        for part_name, state in {**states, **ranked}.items():
+            _check_on_copy(path, part_name, self.parts[part_name].obj, state)
         reader = SafeFileSystemReader(str(path))
         metadata = reader.read_metadata()
-    except UserError as e:
-        error = e
-    if _any_rank_failed(trainer, error is not None):
-        raise error or UserError(f"checkpoint {str(path)!r}: another rank could not read its part; it was not loaded")
-    # 2. Model and optimizer (DCP reshards to this world size). get_state_dict creates a fresh
-    # optimizer's state with one zero-LR step, which a schedule-free optimizer refuses in eval
-    # mode: its state (z) would be missing from the template and silently not loaded. So the
-    # template is taken in train mode, then the optimizer switches to eval like the save did.
-    model_sd, optim_sd = get_state_dict(trainer.model, _optimizers(trainer))
-    _check_same_model(path, metadata, model_sd)
-    set_train_mode(trainer.optimizer, False)
-    try:
-        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
+        return states, ranked, reader, metadata
+
+    def _apply(self, path: Path, obj: Stateful, state: Any, what: str) -> None:
         try:
-            with _quiet_single_process():
-                dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner())
-        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-            cause = _one_line(_root_causes(e)[0])
-            raise UserError(f"checkpoint {str(path)!r} could not be loaded ({cause})") from None
-        set_state_dict(
-            trainer.model,
-            _optimizers(trainer),
-            model_state_dict=state["model"],
-            optim_state_dict=state["optim"],
-            options=StateDictOptions(strict=True),
-        )
-    finally:
-        set_train_mode(trainer.optimizer, True)
-    # 3. Counters, schedule and estimator state, RNG.
-    trainer.load_training_state(train_state)
-    if rng is not None:
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and trainer.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], trainer.device)
-    if pair is not None:
-        trainer.load_consecutive_state(pair)
+            obj.load_state_dict(state)
+        except Exception as e:
+            raise UserError(f"checkpoint {str(path)!r}: {what} could not be restored ({type(e).__name__}: {str(e)[:200]})") from None
 
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint of the run directory, or None (also without a run directory)."""
+        return latest_checkpoint(self.run_dir) if self.run_dir is not None else None
 
-def _read_train_state(path: Path) -> dict[str, Any]:
-    try:
-        state = json.loads((path / "train_state.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        raise UserError(f"checkpoint {str(path)!r}: train_state.json is corrupt ({e})") from None
-    if not isinstance(state, dict) or "progress" not in state:
-        raise UserError(f"checkpoint {str(path)!r}: train_state.json has no progress")
-    return state
-
-
-def resume_trainer(trainer: Trainer, run_dir: Path | None, resume: str) -> Path | None:
-    """`--resume auto` (newest complete checkpoint, or a fresh start) or `--resume PATH`."""
-    main = trainer.dist.is_main
-    if resume == "auto":
-        if run_dir is None:
-            return None
-        for partial in incomplete_checkpoints(run_dir):
-            if main:
-                print(f"regimen: warning: skipping incomplete checkpoint {partial} (a save that did not finish)", file=sys.stderr)
-        candidates = list_checkpoints(run_dir)
-        for path in reversed(candidates):
-            try:
-                load_checkpoint(trainer, path)
-            except CheckpointMismatch:
-                raise  # an older checkpoint is of the same other model: starting over would lose the run
-            except UserError as e:
+    def resume(self, resume: str) -> Path | None:
+        """`"auto"` (the newest checkpoint that loads, or None for a fresh start) or a checkpoint / run directory path."""
+        main = self.dist.is_main
+        if resume == "auto":
+            if self.run_dir is None:
+                return None
+            for partial in incomplete_checkpoints(self.run_dir):
                 if main:
-                    print(f"regimen: warning: skipping corrupt checkpoint {path}: {e}", file=sys.stderr)
-                continue
-            if main:
-                print(f"regimen: resuming from {path} (step {trainer.progress.step})", file=sys.stderr)
-            return path
-        if candidates:
-            raise UserError(
-                f"--resume auto: none of the {len(candidates)} checkpoint(s) in {str(checkpoint_dir(run_dir))!r} loads (see the warnings); "
-                "nothing was changed; pass --resume PATH, or --overwrite to start the run over"
-            )
-        return None
-    path = Path(resume)
-    if not path.exists():
-        raise UserError(f"--resume {resume!r}: no such checkpoint")
-    if (path / "checkpoints").is_dir() or path.name == "checkpoints":  # a run directory was given
-        found = latest_checkpoint(path if path.name != "checkpoints" else path.parent)
-        if found is None:
-            raise UserError(f"--resume {resume!r}: the run has no complete checkpoint")
-        path = found
-    load_checkpoint(trainer, path)
-    if main:
-        print(f"regimen: resuming from {path} (step {trainer.progress.step})", file=sys.stderr)
-    return path
+                    print(f"regimen: warning: skipping incomplete checkpoint {partial} (a save that did not finish)", file=sys.stderr)
+            candidates = list_checkpoints(self.run_dir)
+            for path in reversed(candidates):
+                try:
+                    self.load(path)
+                except CheckpointMismatch:
+                    raise  # an older checkpoint is of the same other model: starting over would lose the run
+                except UserError as e:
+                    if main:
+                        print(f"regimen: warning: skipping corrupt checkpoint {path}: {e}", file=sys.stderr)
+                    continue
+                return path
+            if candidates:
+                where = str(checkpoint_dir(self.run_dir))
+                raise UserError(
+                    f"--resume auto: none of the {len(candidates)} checkpoint(s) in {where!r} loads (see the warnings); "
+                    "nothing was changed; pass --resume PATH, or --overwrite to start the run over"
+                )
+            return None
+        path = Path(resume)
+        if not path.exists():
+            raise UserError(f"--resume {resume!r}: no such checkpoint")
+        if (path / CHECKPOINTS_DIR).is_dir() or path.name == CHECKPOINTS_DIR:  # a run directory was given
+            found = latest_checkpoint(path if path.name != CHECKPOINTS_DIR else path.parent)
+            if found is None:
+                raise UserError(f"--resume {resume!r}: the run has no complete checkpoint")
+            path = found
+        self.load(path)
+        return path
 
 
-def export_safetensors(trainer: Trainer, path: str | Path) -> None:
-    """Write the final model weights (full, unsharded) as safetensors; rank 0 writes."""
+def verify(path: str | Path) -> None:
+    """Check every file of a checkpoint against the sizes and SHA-256 sums recorded when it was saved.
+
+    A checkpoint written before checksums existed (no MANIFEST.json) passes with nothing to check.
+    """
+    path = Path(path)
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        return
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        assert isinstance(manifest, dict)
+    except (ValueError, UnicodeDecodeError, OSError, AssertionError):
+        raise UserError(f"checkpoint {str(path)!r}: {MANIFEST} is corrupt") from None
+    for rel, want in manifest.items():
+        file = path / rel
+        try:
+            size, digest = file.stat().st_size, None
+            if size == want.get("size"):
+                digest = _sha256(file)
+        except OSError as e:
+            raise UserError(f"checkpoint {str(path)!r}: {rel} is unreadable ({os_reason(e)})") from None
+        if size != want.get("size") or digest != want.get("sha256"):
+            raise UserError(f"checkpoint {str(path)!r}: {rel} does not match the checksum recorded when it was saved (corrupt)")
+
+
+def _rank_file(path: Path, name: str, rank: int) -> Path | None:
+    file = path / f"{name}-rank{rank}.pt"
+    if file.is_file():
+        return file
+    legacy = path / f"{name}.pt"  # regimen 0.1 wrote the single-process noise pair without a rank
+    return legacy if legacy.is_file() else None
+
+
+def _check_on_copy(path: Path, name: str, obj: Stateful, state: Any) -> None:
+    """Load `state` into a copy of `obj`: a malformed state fails here, before anything real changed."""
+    try:
+        copy.deepcopy(obj).load_state_dict(state)
+    except Exception as e:
+        raise UserError(f"checkpoint {str(path)!r}: the {name!r} state is malformed ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _json_parts(raw: Any) -> dict[str, Any]:
+    """The json parts of a `train_state.json`; regimen 0.1 wrote one flat object, read here as the same parts."""
+    if not isinstance(raw, dict):
+        raise TypeError("not a JSON object")
+    if "progress" not in raw:
+        return raw
+    legacy = dict(raw)
+    return {"batch_schedule": legacy.pop("batch_schedule", {}), "noise": legacy.pop("noise", None), "train": legacy}
+
+
+# --------------------------------------------------------------------------------------------
+# The final export
+# --------------------------------------------------------------------------------------------
+
+
+def export_safetensors(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path, dist: Dist, progress: Progress) -> None:
+    """Write the final model weights (full, unsharded) as safetensors; rank 0 writes.
+
+    Every rank calls this (FSDP2 gathers the shards). Schedule-free optimizers export their
+    averaged weights. Written beside and renamed: a crash never leaves a torn file.
+    """
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    set_train_mode(trainer.optimizer, False)  # schedule-free: export the averaged weights
+    set_train_mode(optimizer, False)
     try:
-        sd = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     finally:
-        set_train_mode(trainer.optimizer, True)
-    if trainer.dist.is_main:
-        # A tied weight (the GPT's head) is one parameter under two names: keep its first name.
-        # Ask the module, not the storage: FSDP2's gathered full state dict holds separate
-        # copies. (safetensors also refuses shared storage: the pointer check stays for the rest.)
-        aliases = _tied_aliases(trainer.model)
-        seen: set[int] = set()
-        tensors = {}
-        for key, value in sd.items():
-            if not isinstance(value, torch.Tensor) or key in aliases:  # extra state is not weights
-                continue
-            ptr = value.untyped_storage().data_ptr()
-            if ptr in seen:
-                continue
-            seen.add(ptr)
-            tensors[key] = value.detach().contiguous().cpu()
-        # Written beside and renamed: a crash never leaves a torn model.safetensors.
-        tmp = Path(f"{path}.tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt", "progress": json.dumps(trainer.training_state()["progress"])})
+        set_train_mode(optimizer, True)
+    if not dist.is_main:
+        return
+    # A tied weight (the GPT's head) is one parameter under two names: keep its first name.
+    # Ask the module, not the storage: FSDP2's gathered full state dict holds separate copies.
+    # (safetensors also refuses shared storage: the pointer check stays for the rest.)
+    aliases = _tied_aliases(model)
+    seen: set[int] = set()
+    tensors = {}
+    for key, value in sd.items():
+        if not isinstance(value, torch.Tensor) or key in aliases:  # extra state is not weights
+            continue
+        ptr = value.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        tensors[key] = value.detach().contiguous().cpu()
+    tmp = Path(f"{path}.tmp")
+    progress_json = json.dumps({"step": progress.step, "samples": progress.samples, "tokens": progress.tokens})
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "progress": progress_json})
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UserError(f"could not write {str(path)!r} ({os_reason(e)}); the checkpoints are intact") from None
 
 
-def _tied_aliases(model: torch.nn.Module) -> set[str]:
+def _tied_aliases(model: nn.Module) -> set[str]:
     """Every name of a parameter but its first (a tied weight appears under several names)."""
     first: dict[int, str] = {}
     aliases = set()
@@ -561,9 +809,3 @@ def _tied_aliases(model: torch.nn.Module) -> set[str]:
         else:
             first[id(p)] = name
     return aliases
-
-
-def progress_of(path: str | Path) -> Progress:
-    """The progress recorded in a checkpoint (without loading it)."""
-    p = json.loads((Path(path) / "train_state.json").read_text())["progress"]
-    return Progress(**p)

@@ -51,7 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint of the run directory, or from PATH"
     )
-    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace an existing run directory that regimen made (a user's own files in it are kept)"
+    )
+    train.add_argument(
+        "--allow-change",
+        action="store_true",
+        help="with --resume: continue with a strategy that differs from the run's in more than the budget, cadences and "
+        "observe keys (the change is recorded)",
+    )
     train.add_argument("--nproc", type=int, default=None, help="start N processes with torchrun on this machine")
     train.add_argument(
         "--max-restarts", type=int, default=0, help="with --nproc: restart the workers this many times after a failure (elastic)"

@@ -458,7 +458,7 @@ def run_status(run: PlannedRun, run_dir: Path) -> Status:
     if saved.is_file():
         have, want = read_toml(saved), tomllib.loads(run.resolved.to_toml())
         if have != want:
-            from regimen.ranking import same_value
+            from regimen.strategy import same_value
 
             a, b = flatten(have), flatten(want)
             key = next((k for k in {**b, **a} if not same_value(a.get(k), b.get(k))), "?")

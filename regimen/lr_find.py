@@ -28,7 +28,8 @@ Decisions (Smith 2017, "Cyclical Learning Rates", section 3.3; the fastai and Li
 
 Example:
     >>> import torch
-    >>> x, y = torch.randn(256, 4), torch.randint(0, 2, (256,))
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(256, 4); y = (x[:, 0] > 0).long()  # learnable labels: the loss falls, then diverges
     >>> model = torch.nn.Linear(4, 2)
     >>> before = model.weight.detach().clone()
     >>> result = lr_find(model, (x, y), loss="cross_entropy", overrides={"optimizer.name": "sgd"}, sweep=Sweep(steps=30))
@@ -54,6 +55,7 @@ from regimen.strategy import Strategy
 if TYPE_CHECKING:  # torch is imported when a sweep runs: `regimen lr-find` checks its arguments first
     from torch import nn
 
+    from regimen.schedules import Schedule
     from regimen.task import Task
 
 PLOT_FILE = "lr_find.png"
@@ -90,7 +92,13 @@ class Sweep:
 
     def lr(self, step: float) -> float:
         """The `optimizer.lr` of step `step` (0-based): exponential from min_lr to max_lr."""
-        return self.min_lr * (self.max_lr / self.min_lr) ** (step / (self.steps - 1))
+        return self.min_lr * self.multiplier()(step)
+
+    def multiplier(self) -> Schedule:
+        """The sweep as an LR schedule over steps, a multiple of `min_lr`: max/min times over steps - 1."""
+        from regimen.schedules import exponential
+
+        return exponential(1.0, self.max_lr / self.min_lr, self.steps - 1)
 
 
 @dataclass
@@ -167,8 +175,8 @@ def range_test(task: Task, strategy: Strategy, sweep: Sweep | None = None) -> LR
     sweep.validate()
     s = sweep_strategy(strategy, sweep)
     with _restored(task.model):
-        trainer = Trainer(s, task)
-        trainer.lr_schedule = sweep.lr  # progress is counted in steps (lr.unit = steps above)
+        # optimizer.lr is the sweep's first LR and the schedule its multiplier (progress in steps).
+        trainer = Trainer(s, task, lr_schedule=sweep.multiplier())
         trainer.wrapped.train()
         set_train_mode(trainer.optimizer, True)
         lrs: list[float] = []
@@ -213,9 +221,10 @@ def range_test(task: Task, strategy: Strategy, sweep: Sweep | None = None) -> LR
 
 
 def sweep_strategy(strategy: Strategy, sweep: Sweep) -> Strategy:
-    """The strategy the sweep trains: the same, with the LR counted in steps and no warmup."""
+    """The strategy the sweep trains: the same, peak LR at the sweep's start, LR counted in steps, no warmup."""
     return strategy.replace(
         {
+            "optimizer.lr": sweep.min_lr,
             "lr.schedule": "constant",
             "lr.unit": "steps",
             "lr.warmup": 0.0,

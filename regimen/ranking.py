@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from regimen.rundir import Run, flatten_strategy
+from regimen.strategy import same_value
 
 DataUnit = Literal["samples", "tokens"]
 
@@ -138,14 +139,6 @@ def _ordered_keys(flats: Iterable[Mapping[str, Any]]) -> list[str]:
     for flat in flats:
         seen.update(dict.fromkeys(flat))
     return list(seen)
-
-
-def same_value(a: Any, b: Any) -> bool:
-    """Strategy values equal (`1 == 1.0`, but `true != 1`)."""
-    # In Python 1 == 1.0 == True; in a strategy a bool is never the same as a number.
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    return a == b
 
 
 def _hashable(value: Any) -> Any:

@@ -274,6 +274,16 @@ def create(path: str | Path) -> Path:
     return p
 
 
+def remove_if_unused(path: str | Path) -> None:
+    """Remove a run directory this process made that holds nothing but its marker and lock (a run that never started)."""
+    p = Path(path)
+    with contextlib.suppress(OSError):
+        if {e.name for e in p.iterdir()} <= {MARKER_FILE, LOCK_FILE}:
+            for name in (MARKER_FILE, LOCK_FILE):
+                (p / name).unlink(missing_ok=True)
+            p.rmdir()
+
+
 def clear_for_overwrite(path: str | Path) -> list[str]:
     """Remove what regimen wrote in a run directory it made; return the names of the user's files it kept.
 

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from regimen import rundir
 from regimen.errors import UserError
-from regimen.strategy import Strategy
+from regimen.strategy import Strategy, flatten, read_toml, safe_to_change, same_value
 
 
 def format_summary(summary: dict[str, Any], run_dir: Path | None) -> str:
@@ -51,22 +51,65 @@ def format_summary(summary: dict[str, Any], run_dir: Path | None) -> str:
     return "\n".join(lines)
 
 
-def run_training(strategy: Strategy, run_dir: str | Path | None, resume: str | None = None, quiet: bool = False) -> int:
-    """Train the built-in task of `strategy` into `run_dir`; returns the exit code."""
+def run_training(
+    strategy: Strategy,
+    run_dir: str | Path | None,
+    resume: str | None = None,
+    quiet: bool = False,
+    overwrite: bool = False,
+    allow_change: bool = False,
+) -> int:
+    """Train the built-in task of `strategy` into `run_dir`; returns the exit code.
+
+    Order matters for what a failure leaves behind: the run directory is checked, the strategy
+    compared with the run's, and the data and model built before anything is written; only
+    then is the directory made (and locked), an `--overwrite`n run cleared, a checkpoint loaded.
+    """
     from regimen.task import build_task
     from regimen.trainer import Trainer
 
     run_dir = Path(run_dir) if run_dir is not None else None
     resolved = strategy.resolve()
+    changes: dict[str, tuple[Any, Any]] = {}
+    if run_dir is not None:
+        rundir.check_location(run_dir)
+        if resume is not None:
+            changes = check_strategy_changes(run_dir, resume, resolved, allow_change)
     task = build_task(resolved)
+    created = run_dir is not None and not run_dir.exists()
     trainer = Trainer(resolved, task, run_dir)
-    if trainer.is_main and not quiet and task.data is not None:
-        print(f"regimen: {task.data.description}", file=sys.stderr)
-    if resume is not None:
-        from regimen.checkpoint import resume_trainer
-
-        resume_trainer(trainer, run_dir, resume)
-    result = trainer.fit()
+    try:
+        if trainer.is_main and not quiet and task.data is not None:
+            print(f"regimen: {task.data.description}", file=sys.stderr)
+        if overwrite and resume is None and run_dir is not None and trainer.is_main:
+            kept = rundir.clear_for_overwrite(run_dir)
+            rundir.record_event(run_dir, "overwrite", kept=kept)
+            if kept:
+                names = ", ".join(kept)
+                print(f"regimen: --overwrite: replaced the run in {run_dir}; kept {len(kept)} file(s) regimen did not write: {names}")
+        if resume is not None:
+            assert trainer.checkpointer is not None or run_dir is None
+            path = trainer.checkpointer.resume(resume) if trainer.checkpointer is not None else None
+            if path is not None and trainer.is_main:
+                print(f"regimen: resuming from {path} (step {trainer.progress.step})", file=sys.stderr)
+            if path is not None and run_dir is not None and _already_finished(trainer, run_dir):
+                if trainer.is_main:
+                    unit, budget = trainer.budget_unit, trainer.budget
+                    print(
+                        f"regimen: {run_dir} already finished at step {trainer.progress.step} ({unit} budget {budget:g}); "
+                        f"nothing to do (raise the budget, e.g. train.{unit}=..., to train further)"
+                    )
+                return 0
+        if changes and run_dir is not None and trainer.is_main:
+            rundir.record_event(run_dir, "strategy_changed", changed={k: list(v) for k, v in changes.items()}, allowed_by=_why(changes))
+        result = trainer.fit()
+    except BaseException:
+        trainer.close()
+        if created and run_dir is not None and trainer.is_main:
+            rundir.remove_if_unused(run_dir)  # a run that never started leaves no directory behind
+        raise
+    finally:
+        trainer.close()
     if trainer.is_main:
         if run_dir is not None and resolved.observe.report:
             from regimen.report import write_report
@@ -78,37 +121,106 @@ def run_training(strategy: Strategy, run_dir: str | Path | None, resume: str | N
     return 0
 
 
+def _already_finished(trainer: Any, run_dir: Path) -> bool:
+    """The checkpoint is at the end of the budget and the run wrote its summary: nothing is left to do."""
+    from regimen.schedules import budget_reached
+
+    summary = rundir.read_summary(run_dir) or {}
+    return budget_reached(trainer.progress, trainer.budget_unit, trainer.budget) and summary.get("status") == "finished"
+
+
+def _why(changes: dict[str, tuple[Any, Any]]) -> str:
+    return "safe" if all(safe_to_change(k) for k in changes) else "--allow-change"
+
+
+def check_strategy_changes(run_dir: Path, resume: str, strategy: Strategy, allow_change: bool) -> dict[str, tuple[Any, Any]]:
+    """Compare a resumed run's strategy with the one it was trained with; refuse a change that is not safe.
+
+    The run's strategy is `strategy.toml` with the changes its history records (or, for
+    `--resume PATH` to a checkpoint, the strategy saved in it). The budget, the logging,
+    evaluation and checkpoint cadence and what is observed may change (`safe_to_change`) and
+    are recorded in the run's history; anything else needs `--allow-change`, and is recorded too.
+    """
+    path = Path(resume)
+    if resume != "auto" and (path / "strategy.toml").is_file() and (path / "COMPLETE").is_file():
+        saved = flatten(read_toml(path / "strategy.toml"))
+    elif (run_dir / rundir.STRATEGY_FILE).is_file():
+        saved = flatten(rundir.current_strategy(run_dir))
+    else:
+        return {}
+    new = strategy.flat()
+    changes = {k: (saved.get(k), new.get(k)) for k in sorted(saved.keys() | new.keys()) if not same_value(saved.get(k), new.get(k))}
+    unsafe = [k for k in changes if not safe_to_change(k)]
+    if unsafe and not allow_change:
+        listed = ", ".join(f"{k} ({_show(changes[k][0])} -> {_show(changes[k][1])})" for k in unsafe[:4])
+        more = f" and {len(unsafe) - 4} more" if len(unsafe) > 4 else ""
+        raise UserError(
+            f"--resume: the strategy differs from the one {str(run_dir)!r} was trained with: {listed}{more}; "
+            "resume with the same strategy (only the budget, cadences and observe keys may change), "
+            "or pass --allow-change to continue with the new one (recorded in the run's events.jsonl)"
+        )
+    return changes
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is None else repr(value)
+
+
 def _default_run_dir() -> Path:
     return Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
 
 
 def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
-    """Refuse to clobber an existing run: it needs --resume or --overwrite."""
-    exists = run_dir.exists() and any(run_dir.iterdir())
+    """Refuse, before anything is built, a run directory that would be clobbered or cannot be written.
+
+    An existing run needs --resume or --overwrite; --overwrite needs a directory regimen made,
+    and deletes nothing here: `run_training` clears it only once the strategy, the data and the
+    model have been built.
+    """
+    rundir.check_location(run_dir)
+    exists = run_dir.is_dir() and any(run_dir.iterdir())
     if exists and not (resume or overwrite):
         raise UserError(f"run directory {str(run_dir)!r} exists; pass --resume auto to continue it or --overwrite to replace it")
-    if exists and overwrite and not resume:
-        shutil.rmtree(run_dir)
+    if exists and overwrite and not resume and not rundir.is_run_dir(run_dir):
+        raise UserError(
+            f"--overwrite: {str(run_dir)!r} was not made by regimen (it has no {rundir.MARKER_FILE} marker); "
+            "nothing was deleted; choose another --run-dir or empty it yourself"
+        )
+    holder = rundir.RunLock(run_dir).holder() if exists else None
+    if holder is not None:
+        who = f"process {holder}" if holder > 0 else "another process"
+        raise UserError(
+            f"run directory {str(run_dir)!r} is in use by {who} (another regimen run); wait for it to end, or use another --run-dir"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
-    """`regimen train [CONFIG] [overrides] [--run-dir] [--resume] [--overwrite] [--nproc] [--print-config]`."""
+    """`regimen train [CONFIG] [overrides] [--run-dir] [--resume] [--overwrite] [--allow-change] [--nproc] [--print-config]`."""
     strategy = Strategy.from_cli(args.config, args.overrides)
     if args.print_config:
         print(strategy.resolve().to_toml(), end="")
         return 0
-    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
+    if args.resume == "auto" and not args.run_dir:
+        raise UserError("--resume auto needs --run-dir: the run directory whose newest checkpoint to continue")
+    if args.resume and args.overwrite and "LOCAL_RANK" not in os.environ:
+        raise UserError("--resume and --overwrite: choose one (continue the run, or replace it)")
+    if args.max_restarts < 0:
+        raise UserError(f"--max-restarts = {args.max_restarts}: must be >= 0")
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc = {args.nproc}: must be >= 1")
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         prepare_run_dir(run_dir, args.resume, args.overwrite)
         return launch_torchrun(args, run_dir)
-    # torchrun sets TORCHELASTIC_RESTART_COUNT=0 on the first attempt: check the run directory
-    # then, but not on restarts (they resume into it).
+    # torchrun sets TORCHELASTIC_RESTART_COUNT=0 on the first attempt. A restart resumes into the
+    # run directory (the launcher passed --resume auto for restarts), even when the first attempt
+    # was told to --overwrite it.
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    overwrite = args.overwrite and first_attempt
+    resume = None if overwrite else args.resume
     if int(os.environ.get("RANK", "0")) == 0 and first_attempt:
-        prepare_run_dir(run_dir, args.resume, args.overwrite)
-    return run_training(strategy, run_dir, resume=args.resume)
+        prepare_run_dir(run_dir, resume, overwrite)
+    return run_training(strategy, run_dir, resume=resume, overwrite=overwrite, allow_change=args.allow_change)
 
 
 def launch_torchrun(args: argparse.Namespace, run_dir: Path) -> int:
@@ -122,6 +234,8 @@ def launch_torchrun(args: argparse.Namespace, run_dir: Path) -> int:
         f"--max-restarts={args.max_restarts}",
     ]
     cmd += ["-m", "regimen", "train", *([args.config] if args.config else []), *args.overrides, "--run-dir", str(run_dir)]
+    cmd += ["--overwrite"] if args.overwrite else []
+    cmd += ["--allow-change"] if args.allow_change else []
     if args.resume:
         cmd += ["--resume", args.resume]
     elif args.max_restarts:

@@ -556,6 +556,47 @@ class Strategy:
         return flatten(self.to_dict())
 
 
+# Keys a resumed run may change without `--allow-change`: they decide how long it trains, how
+# often it logs, evaluates and saves, and what it shows, never what a step computes. (The
+# budget moves a decaying LR schedule's end: that is what extending a run means.)
+SAFE_TO_CHANGE = frozenset(
+    {
+        "train.steps",
+        "train.samples",
+        "train.tokens",
+        "train.epochs",
+        "train.log_every",
+        "train.eval_every",
+        "checkpoint.every",
+        "checkpoint.every_minutes",
+        "checkpoint.keep",
+    }
+)
+# ... and every observe key but the noise estimator's, which is part of the training state.
+_UNSAFE_OBSERVE = frozenset({"observe.noise_scale", "observe.noise_ema"})
+
+
+def safe_to_change(key: str) -> bool:
+    """Whether a resumed run may change `key` (`section.key`) without `--allow-change`.
+
+    >>> safe_to_change("train.steps"), safe_to_change("observe.progress"), safe_to_change("optimizer.lr")
+    (True, True, False)
+    """
+    return key in SAFE_TO_CHANGE or (key.startswith("observe.") and key not in _UNSAFE_OBSERVE)
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Strategy values equal (`1 == 1.0`, but `true != 1`).
+
+    >>> same_value(1, 1.0), same_value(True, 1)
+    (True, False)
+    """
+    # In Python 1 == 1.0 == True; in a strategy a bool is never the same as a number.
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
+
+
 def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
     """Nested tables to dotted keys, down to `section.key`: the one flattener of strategies.
 

@@ -29,7 +29,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import resource
@@ -42,19 +41,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from regimen import parallel
+from regimen import parallel, rundir
+from regimen.checkpoint import Checkpointer, ModelState, RNGState, export_safetensors
 from regimen.data import SampleOrder, micro_sizes, split_evenly
 from regimen.errors import UserError
 from regimen.noise import ConsecutiveGradients, NoiseScaleEstimator, grad_sqnorm
 from regimen.observe import ProgressDisplay, TensorBoardLogger
 from regimen.optim import build_optimizer, set_train_mode
 from regimen.progress import Progress, Unit
-from regimen.rundir import MetricsWriter
-from regimen.schedules import budget_reached, build_batch_schedule, build_lr_schedule, lr_batch_scale, simulate_budget
+from regimen.schedules import Schedule, budget_reached, build_batch_schedule, build_lr_multiplier, lr_batch_scale, simulate_budget
 from regimen.strategy import Strategy
 from regimen.task import Task, build_task, mse
 
 Callback = Callable[[dict[str, Any]], None]
+# Called after every optimizer step that was taken (not a skipped one) with the trainer and the
+# step's output (`train_step`'s dict: loss, lr, batch_size, grad_norm): the one place for per-step
+# code that is not the step itself (timing, probes, custom logging). Runs on every rank.
+StepHook = Callable[["Trainer", dict[str, Any]], None]
 
 
 @dataclass
@@ -65,6 +68,55 @@ class RunResult:
     summary: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     run_dir: Path | None = None
+
+
+@dataclass
+class TrainingState:
+    """The counters a checkpoint holds besides model, optimizer, schedules, estimator and RNG.
+
+    Example:
+        >>> state = TrainingState(progress=Progress(step=3, samples=96))
+        >>> restored = TrainingState(); restored.load_state_dict(state.state_dict()); restored.progress.step
+        3
+    """
+
+    progress: Progress = field(default_factory=Progress)
+    elapsed: float = 0.0  # seconds of training, evaluation included, over every attempt
+    eval_time: float = 0.0  # of `elapsed`, the seconds spent evaluating
+    lr_factor: float = 1.0  # lowered by rollbacks after non-finite steps
+    rollbacks: int = 0
+    data_offset: int = 0  # samples skipped by rollbacks: the stream reads samples + offset
+    window: list[float] = field(default_factory=list)  # train losses since the last logged row
+    events: list[dict[str, Any]] = field(default_factory=list)  # skips and rollbacks, for the summary
+
+    def state_dict(self) -> dict[str, Any]:
+        p = self.progress
+        return {
+            "progress": {"step": p.step, "samples": p.samples, "tokens": p.tokens},
+            "elapsed": self.elapsed,
+            "eval_time": self.eval_time,
+            "lr_factor": self.lr_factor,
+            "rollbacks": self.rollbacks,
+            "data_offset": self.data_offset,
+            "window": list(self.window),
+            "events": list(self.events),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict`; a missing or mistyped key raises before anything changes."""
+        p = state["progress"]
+        counts = [p["step"], p["samples"], p["tokens"], state["rollbacks"], state["data_offset"]]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
+            raise ValueError(f"counters must be non-negative integers, got {counts}")
+        numbers = [state["elapsed"], state.get("eval_time", 0.0), state["lr_factor"], *state["window"]]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+            raise ValueError("elapsed, eval_time, lr_factor and window must be numbers")
+        if not isinstance(state["events"], list) or not all(isinstance(e, dict) for e in state["events"]):
+            raise ValueError("events must be a list of objects")
+        self.progress = Progress(p["step"], p["samples"], p["tokens"])
+        self.elapsed, self.eval_time = float(state["elapsed"]), float(state.get("eval_time", 0.0))
+        self.lr_factor, self.rollbacks, self.data_offset = float(state["lr_factor"]), state["rollbacks"], state["data_offset"]
+        self.window, self.events = [float(v) for v in state["window"]], list(state["events"])
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -96,13 +148,25 @@ def peak_memory_mb(device: torch.device) -> float:
 class Trainer:
     """Runs one strategy on one task, optionally recording into a run directory.
 
-    `callbacks` receive every logged row (the dicts written to `metrics.jsonl`).
+    `callbacks` receive every logged row (the dicts written to `metrics.jsonl`); `hooks`
+    (`StepHook`) run after every optimizer step. `lr_schedule` replaces the strategy's LR
+    schedule: a multiplier of `optimizer.lr` as a function of progress in `lr.unit` (what
+    `lr-find` sweeps). With a run directory, rank 0 holds its lock from here until `close()`.
     """
 
-    def __init__(self, strategy: Strategy, task: Task, run_dir: str | Path | None = None, callbacks: list[Callback] | None = None) -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        task: Task,
+        run_dir: str | Path | None = None,
+        callbacks: list[Callback] | None = None,
+        hooks: list[StepHook] | None = None,
+        lr_schedule: Schedule | None = None,
+    ) -> None:
         self.strategy = s = strategy.resolve()
         self.task = task
         self.callbacks = callbacks or []
+        self.hooks = hooks or []
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.device = pick_device(s.train.device, int(os.environ.get("LOCAL_RANK", "0")))
         self.dist = parallel.Dist.from_env(self.device.type)
@@ -128,66 +192,66 @@ class Trainer:
         total = self.budget
         if s.lr.unit != self.budget_unit:
             total = simulate_budget(self.batch_schedule, self.budget_unit, self.budget, s.lr.unit, self.data.tokens_per_sample)
-        self.lr_schedule = build_lr_schedule(s.lr, s.optimizer.lr, total)
+        self.lr_schedule = lr_schedule or build_lr_multiplier(s.lr, s.optimizer.lr, total)
         if self._measure_noise and self.mode == "fsdp":
             # FSDP2 shards gradients: the small-batch norm would need its own reduction.
             raise UserError("observe.noise_scale / batch.schedule = 'adaptive' are not supported with parallel.mode = 'fsdp' yet; use ddp")
         self.noise = NoiseScaleEstimator(s.observe.noise_ema) if self._measure_noise else None
         self.consecutive = ConsecutiveGradients() if self.noise is not None else None
         self.autocast_dtype = torch.bfloat16 if s.train.precision == "bf16" else None
-        # Training state (everything a checkpoint must hold besides model and optimizer).
-        self.progress = Progress()
-        self.elapsed = 0.0
-        self.eval_time = 0.0  # of `elapsed`, the seconds spent evaluating
-        self.lr_factor = 1.0  # lowered by rollbacks after non-finite steps
+        self.state = TrainingState()
         self.skips_in_row = 0
-        self.rollbacks = 0
-        self.data_offset = 0  # samples skipped by rollbacks: the stream reads samples + offset
-        self.window: list[float] = []  # train losses since the last logged row
-        self.events: list[dict[str, Any]] = []  # skips and rollbacks, for the summary
         torch.manual_seed(s.train.seed + 1000 * self.dist.rank)  # dropout differs per rank
         self.eval_ids = self._eval_positions()
+        self.lock: rundir.RunLock | None = None
+        if self.run_dir is not None and self.is_main:  # made only now, when strategy, data and model have been built
+            rundir.check_location(self.run_dir)
+            self.lock = rundir.RunLock(rundir.create(self.run_dir)).acquire()
+        # Without a run directory it still loads a checkpoint given by path (and saves nothing).
+        self.checkpointer = self._checkpointer(self.run_dir)
 
-    # ---- training state (what a checkpoint holds besides model, optimizer and RNG) ----------
+    def _checkpointer(self, run_dir: Path | None) -> Checkpointer:
+        """Everything a checkpoint holds, by name (see regimen.checkpoint)."""
+        c = Checkpointer(run_dir, keep=self.strategy.checkpoint.keep, dist=self.dist, device=self.device)
+        c.files["strategy.toml"] = self.strategy.to_toml
+        c.add("model", ModelState(self.model, self.optimizer), "tensors")
+        c.add("train", self.state, "json")
+        c.add("batch_schedule", self.batch_schedule, "json")
+        if self.noise is not None:
+            c.add("noise", self.noise, "json")
+        c.add("rng", RNGState(self.device), "rank", optional=True)  # a rank that did not exist keeps its own
+        if self.consecutive is not None and not self.dist.enabled:
+            c.add("noise_pair", self.consecutive, "rank", optional=True)
+        return c
+
+    @property
+    def progress(self) -> Progress:
+        """Optimizer steps, samples and tokens so far (`state.progress`)."""
+        return self.state.progress
+
+    @progress.setter
+    def progress(self, value: Progress) -> None:
+        self.state.progress = value
 
     def training_state(self) -> dict[str, Any]:
-        """Counters and the stateful schedule and estimator, as plain JSON data."""
-        p = self.progress
+        """The counters and the stateful schedule and estimator, as plain JSON data."""
         return {
-            "progress": {"step": p.step, "samples": p.samples, "tokens": p.tokens},
-            "elapsed": self.elapsed,
-            "eval_time": self.eval_time,
-            "lr_factor": self.lr_factor,
-            "rollbacks": self.rollbacks,
-            "data_offset": self.data_offset,
-            "window": self.window,
-            "events": self.events,
+            "train": self.state.state_dict(),
             "batch_schedule": self.batch_schedule.state_dict(),
             "noise": self.noise.state_dict() if self.noise is not None else None,
         }
 
     def load_training_state(self, state: dict[str, Any]) -> None:
-        self.progress = Progress(**state["progress"])
-        self.elapsed = state["elapsed"]
-        self.eval_time = state.get("eval_time", 0.0)
-        self.lr_factor = state["lr_factor"]
-        self.rollbacks = state["rollbacks"]
-        self.data_offset = state["data_offset"]
-        self.window = list(state["window"])
-        self.events = list(state["events"])
+        self.state.load_state_dict(state["train"])
         self.batch_schedule.load_state_dict(state["batch_schedule"])
         if self.noise is not None and state.get("noise"):
             self.noise.load_state_dict(state["noise"])
 
-    def consecutive_state(self) -> dict[str, Any] | None:
-        """The consecutive-steps gradient pair's buffer (single process only), or None."""
-        if self.consecutive is None or self.dist.enabled:
-            return None
-        return self.consecutive.state_dict() or None
-
-    def load_consecutive_state(self, state: dict[str, Any]) -> None:
-        if self.consecutive is not None:
-            self.consecutive.load_state_dict(state)
+    def close(self) -> None:
+        """Release the run directory's lock (rank 0). `fit` calls it at the end; safe to call twice."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     @property
     def _measure_noise(self) -> bool:
@@ -204,21 +268,28 @@ class Trainer:
 
     # ---- one step ------------------------------------------------------------------------
 
-    def current_lr(self, batch: int) -> float:
-        """The LR of the next step: schedule(progress) x batch-size scaling x rollback factor."""
+    def lr_multiplier(self, batch: int) -> float:
+        """The next step's LR as a multiple of the peak: schedule(progress) x batch-size scaling x rollback factor."""
         s = self.strategy
         assert s.lr.scale_with_batch != "auto", "resolved in Strategy.resolve"
         scale = lr_batch_scale(s.lr.scale_with_batch, batch, s.lr.reference_batch or batch)
-        return self.lr_schedule(self.progress.value(s.lr.unit)) * scale * self.lr_factor
+        return self.lr_schedule(self.progress.value(s.lr.unit)) * scale * self.state.lr_factor
+
+    def current_lr(self, batch: int) -> float:
+        """The LR of the next step (`optimizer.lr` x `lr_multiplier`), as logged."""
+        return self.strategy.optimizer.lr * self.lr_multiplier(batch)
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step on the next global batch; returns its loss, lr, batch and norms."""
         s, d = self.strategy, self.dist
         B = self.batch_schedule(self.progress)
-        lr = self.current_lr(B)
+        factor = self.lr_multiplier(B)
+        lr = s.optimizer.lr * factor
+        # Each group has its own peak (`initial_lr`: Muon's and AdamW's halves may differ); the
+        # schedule is a multiplier of it, so groups keep their ratio at every step.
         for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr / s.optimizer.lr
-        ids = self.order.take(self.progress.samples + self.data_offset, B)
+            group["lr"] = group["initial_lr"] * factor
+        ids = self.order.take(self.progress.samples + self.state.data_offset, B)
         share = B // d.world_size
         mine = ids[d.rank * share : (d.rank + 1) * share]
         sizes = micro_sizes(share, s.batch.micro)
@@ -320,21 +391,23 @@ class Trainer:
 
     def fit(self) -> RunResult:
         """Train until the budget is spent; log, evaluate and checkpoint on their cadence."""
-        s = self.strategy
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> RunResult:
+        s, state = self.strategy, self.state
         writer = tb = None
+        history: list[dict[str, Any]] = []
         if self.is_main and self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            s.save(self.run_dir / "strategy.toml")
-            writer = MetricsWriter(self.run_dir / "metrics.jsonl")
-            if self.progress.step > 0:
-                writer.resume_from(self.progress.step)  # a resumed run redoes what followed its checkpoint
+            writer, history = self._open_run_dir(self.run_dir)
             if s.observe.tensorboard:
                 tb = TensorBoardLogger(self.run_dir / "tensorboard")
         mode = s.observe.progress if self.is_main else "none"
         display = ProgressDisplay(self.budget, self.budget_unit, mode, initial=self.progress.value(self.budget_unit))
-        history: list[dict[str, Any]] = []
         last_log_time, last_log_tokens = time.perf_counter(), self.progress.tokens
-        t0 = time.perf_counter() - self.elapsed
+        t0 = time.perf_counter() - state.elapsed
         last_save = time.perf_counter()
         self.wrapped.train()
         set_train_mode(self.optimizer, True)
@@ -349,21 +422,23 @@ class Trainer:
                 continue
             self.skips_in_row = 0
             self.progress = self.progress.advanced(out["batch_size"], self.data.tokens_per_sample)
-            self.window.append(out["loss"])
+            state.window.append(out["loss"])
             wants = self.noise is not None and self.batch_schedule.wants_noise(self.progress)
             self.batch_schedule.observe(self.progress, self.noise.noise_scale if wants and self.noise else None)
+            for hook in self.hooks:
+                hook(self, out)
             done = budget_reached(self.progress, self.budget_unit, self.budget)
             step = self.progress.step
             evaluate = step % s.train.eval_every == 0 or done
             if step % s.train.log_every == 0 or evaluate:
                 now = time.perf_counter()
-                row = self._row(out, self.window, now - t0, (self.progress.tokens - last_log_tokens) / max(now - last_log_time, 1e-9))
-                self.window, last_log_time, last_log_tokens = [], now, self.progress.tokens
+                row = self._row(out, state.window, now - t0, (self.progress.tokens - last_log_tokens) / max(now - last_log_time, 1e-9))
+                state.window, last_log_time, last_log_tokens = [], now, self.progress.tokens
                 if evaluate:
                     row.update(self.evaluate())
                     last_log_time = time.perf_counter()  # evaluation time is not training throughput
-                    self.eval_time += last_log_time - now
-                    row["eval_time"] = round(self.eval_time, 4)
+                    state.eval_time += last_log_time - now
+                    row["eval_time"] = round(state.eval_time, 4)
                 history.append(row)
                 if writer:
                     writer.write(row)
@@ -375,23 +450,36 @@ class Trainer:
                 if evaluate and "val_loss" in row:
                     display.message(self._eval_line(row))
             if self.run_dir is not None and not done and self._checkpoint_due(last_save):
-                self.elapsed = time.perf_counter() - t0
+                state.elapsed = time.perf_counter() - t0
                 self.save()
                 last_save = time.perf_counter()
-        self.elapsed = time.perf_counter() - t0
+        state.elapsed = time.perf_counter() - t0
         display.close()
-        summary = self._summary(history)
+        summary = rundir.summarize(history, self._facts())
         if self.run_dir is not None:
-            self.save()
-            from regimen.checkpoint import export_safetensors
-
-            export_safetensors(self, self.run_dir / "model.safetensors")
+            latest = self.checkpointer.latest()
+            if latest is None or latest.name != f"step-{self.progress.step:08d}":  # a finished run resumed has its final one
+                self.save()
+            export_safetensors(self.model, self.optimizer, self.run_dir / rundir.WEIGHTS_FILE, self.dist, self.progress)
         if writer and self.run_dir is not None:
             writer.close()
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            rundir.write_summary(self.run_dir, summary)
+            rundir.record_event(self.run_dir, "finished", step=self.progress.step)
         if tb:
             tb.close()
         return RunResult(self.progress, summary, history, self.run_dir)
+
+    def _open_run_dir(self, run_dir: Path) -> tuple[rundir.MetricsWriter, list[dict[str, Any]]]:
+        """Rank 0 at the start of `fit`: the strategy (once), the metrics writer, the history so far."""
+        step = self.progress.step
+        if not (run_dir / rundir.STRATEGY_FILE).is_file():  # the strategy the run started with: never rewritten
+            rundir.write_atomic(run_dir / rundir.STRATEGY_FILE, self.strategy.to_toml())
+        writer = rundir.MetricsWriter(run_dir / rundir.METRICS_FILE)
+        if step > 0:
+            writer.resume_from(step)  # the rows past the checkpoint are redone
+        rundir.record_event(run_dir, "resume" if step > 0 else "start", step=step, pid=os.getpid(), world_size=self.dist.world_size)
+        # The summary covers the whole run: the rows logged before a resume count too.
+        return writer, rundir.read_metrics(run_dir / rundir.METRICS_FILE) if step > 0 else []
 
     def _checkpoint_due(self, last_save: float) -> bool:
         """Every `every` steps and/or `every_minutes`; rank 0's clock decides for all ranks."""
@@ -403,10 +491,8 @@ class Trainer:
         return due
 
     def save(self) -> Path:
-        """Save a checkpoint of the whole training state into the run directory."""
-        from regimen.checkpoint import save_checkpoint
-
-        return save_checkpoint(self)
+        """Save a checkpoint of the whole training state into the run directory (every rank calls it)."""
+        return self.checkpointer.save(self.progress.step)
 
     def _row(self, out: dict[str, Any], window: list[float], elapsed: float, tokens_per_s: float) -> dict[str, Any]:
         row = {
@@ -417,7 +503,7 @@ class Trainer:
             "lr": out["lr"],
             "batch_size": out["batch_size"],
             "time": round(elapsed, 4),
-            "eval_time": round(self.eval_time, 4),
+            "eval_time": round(self.state.eval_time, 4),
             "tokens_per_s": tokens_per_s,
             "grad_norm": out["grad_norm"],
             "world_size": self.dist.world_size,
@@ -438,58 +524,51 @@ class Trainer:
 
     def _on_nonfinite(self, out: dict[str, Any], display: ProgressDisplay) -> bool:
         """A skipped step: count it; after `max_skips_in_row`, roll back to the last checkpoint."""
-        s = self.strategy.train
+        s, state = self.strategy.train, self.state
         self.skips_in_row += 1
         # The skipped batch is consumed (not retried): its samples are what blew up.
         self.progress = self.progress.advanced(out["batch_size"], self.data.tokens_per_sample)
-        self.events.append({"event": "skip", "step": self.progress.step, "loss": out["loss"] if math.isfinite(out["loss"]) else None})
+        state.events.append({"event": "skip", "step": self.progress.step, "loss": out["loss"] if math.isfinite(out["loss"]) else None})
         display.message(f"step {self.progress.step}: non-finite loss or gradients; step skipped ({self.skips_in_row} in a row)")
         if self.skips_in_row < s.max_skips_in_row:
             return False
-        from regimen.checkpoint import latest_checkpoint, load_checkpoint
-
-        found = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
+        found = self.checkpointer.latest()
         if found is None:
             raise UserError(
                 f"training diverged: {self.skips_in_row} non-finite steps in a row at step {self.progress.step} and no checkpoint "
                 "to roll back to; lower optimizer.lr, set train.clip, or set checkpoint.every"
             )
-        if self.rollbacks >= s.max_rollbacks:
+        if state.rollbacks >= s.max_rollbacks:
             raise UserError(
                 f"training diverged: {self.skips_in_row} non-finite steps in a row at step {self.progress.step} after "
-                f"{self.rollbacks} rollback(s) (train.max_rollbacks = {s.max_rollbacks}); lower optimizer.lr or set train.clip"
+                f"{state.rollbacks} rollback(s) (train.max_rollbacks = {s.max_rollbacks}); lower optimizer.lr or set train.clip"
             )
-        failed_at, events = self.progress, self.events
-        rollbacks, factor = self.rollbacks + 1, self.lr_factor * s.lr_backoff
-        load_checkpoint(self, found)
+        failed_at, events = self.progress, state.events
+        rollbacks, factor = state.rollbacks + 1, state.lr_factor * s.lr_backoff
+        self.checkpointer.load(found)
         # Skip the data between the checkpoint and the failure; lower the LR; keep the history.
-        self.data_offset += failed_at.samples - self.progress.samples
-        self.rollbacks, self.lr_factor, self.skips_in_row = rollbacks, factor, 0
-        self.events = [*events, {"event": "rollback", "step": failed_at.step, "to_step": self.progress.step, "lr_factor": factor}]
+        state.data_offset += failed_at.samples - self.progress.samples
+        state.rollbacks, state.lr_factor, self.skips_in_row = rollbacks, factor, 0
+        state.events = [*events, {"event": "rollback", "step": failed_at.step, "to_step": self.progress.step, "lr_factor": factor}]
         if self.consecutive is not None:
             self.consecutive.reset()
         display.message(f"step {failed_at.step}: rolled back to step {self.progress.step} ({found.name}); LR x {factor:g}")
         return True
 
-    def _summary(self, history: list[dict[str, Any]]) -> dict[str, Any]:
-        last = history[-1] if history else {}
-        vals = [r["val_loss"] for r in history if r.get("val_loss") is not None]
+    def _facts(self) -> dict[str, Any]:
+        """What the summary says that the logged rows cannot (rundir.summarize adds the losses)."""
+        elapsed = self.state.elapsed
         return {
             "status": "finished",
             "steps": self.progress.step,
             "samples": self.progress.samples,
             "tokens": self.progress.tokens,
-            "final_loss": last.get("loss"),
-            "final_val_loss": vals[-1] if vals else None,
-            "best_val_loss": min(vals) if vals else None,
-            **{k: v for k, v in last.items() if k.startswith("val_") and k != "val_loss"},
             "unigram_entropy": self.data.unigram_entropy,
             "loss_unit": self._loss_unit(),
-            "wall_time": self.elapsed,
-            "tokens_per_s": self.progress.tokens / max(self.elapsed, 1e-9),
-            "peak_memory_mb": last.get("peak_memory_mb"),
+            "wall_time": elapsed,
+            "tokens_per_s": self.progress.tokens / max(elapsed, 1e-9),
             "world_size": self.dist.world_size,
-            "events": self.events,
+            "events": self.state.events,
         }
 
 

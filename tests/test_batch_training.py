@@ -25,7 +25,7 @@ import pytest
 import torch
 from torch import nn
 
-from regimen.checkpoint import list_checkpoints, load_checkpoint
+from regimen.checkpoint import list_checkpoints
 from regimen.data import TaskData, TensorSamples
 from regimen.progress import Progress, Unit
 from regimen.rundir import read_metrics
@@ -345,7 +345,7 @@ def test_adaptive_run_resumed_from_a_checkpoint_continues_identically(tmp_path: 
     step20 = [c for c in list_checkpoints(tmp_path / "part") if c.name.endswith("00000020")]
     assert step20, list_checkpoints(tmp_path / "part")
     resumed = Trainer(first, _task(n=512))
-    load_checkpoint(resumed, step20[0])
+    resumed.checkpointer.load(step20[0])
     assert resumed.progress.step == 20
     rest = resumed.fit().history
     tail = [r for r in result.history if r["step"] > 20]

@@ -74,8 +74,31 @@ def finished_run(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return run
 
 
-def craft(kind: str, checkpoint: Path, marker: Path) -> None:
-    """Plant a payload of `kind` in a copy of a genuine checkpoint."""
+def craft(kind: str, checkpoint: Path, marker: Path, forge_checksums: bool = True) -> None:
+    """Plant a payload of `kind` in a copy of a genuine checkpoint.
+
+    An attacker who can write the checkpoint can also rewrite its MANIFEST.json, so by default
+    the checksums are forged to match: the safe unpicklers must refuse the payload on their own.
+    """
+    _plant(kind, checkpoint, marker)
+    if forge_checksums:
+        forge_manifest(checkpoint)
+
+
+def forge_manifest(checkpoint: Path) -> None:
+    """Recompute MANIFEST.json over the checkpoint's files as they are now."""
+    import hashlib
+    import json
+
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name not in ("MANIFEST.json", "COMPLETE"))
+    manifest = {
+        p.relative_to(checkpoint).as_posix(): {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in files
+    }
+    (checkpoint / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+def _plant(kind: str, checkpoint: Path, marker: Path) -> None:
     if kind == "metadata":
         (checkpoint / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     elif kind == "metadata-calls-dcp":
@@ -155,6 +178,17 @@ def test_auto_skips_a_crafted_or_corrupt_newest_checkpoint(
     assert f"regimen: warning: skipping corrupt checkpoint {run / 'checkpoints' / 'step-00000004'}" in err
     assert f"resuming from {run / 'checkpoints' / 'step-00000002'} (step 2)" in err
     assert not marker.exists()
+
+
+def test_a_tampered_checkpoint_fails_its_checksum_before_anything_is_read(
+    corpus: Path, finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a forged MANIFEST.json, any change to any file is caught by the checksums first."""
+    checkpoint = tmp_path / "crafted" / "step-00000004"
+    shutil.copytree(finished_run / "checkpoints" / "step-00000004", checkpoint)
+    craft("rng", checkpoint, tmp_path / "pwned", forge_checksums=False)
+    assert main(args(corpus, tmp_path / "run", "--resume", str(checkpoint))) == 2
+    assert "rng-rank0.pt does not match the checksum recorded when it was saved" in error_line(capsys.readouterr().err)
 
 
 def test_auto_never_starts_over_a_run_whose_checkpoints_all_fail(

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from regimen.checkpoint import latest_checkpoint, load_checkpoint
+from regimen.checkpoint import latest_checkpoint
 from regimen.cli import main
 from regimen.data import SampleOrder
 from regimen.rundir import read_metrics
@@ -44,8 +44,9 @@ def error_line(stderr: str) -> str:
 
 
 def snapshot(run_dir: Path) -> dict[str, str]:
-    """Every file of a run directory and a hash of its bytes."""
-    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    """Every file of a run directory and a hash of its bytes (but `.lock`, which names the process that held it last)."""
+    files = [p for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != ".lock"]
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -122,7 +123,7 @@ def test_nonfinite_skip_then_rollback_skips_the_bad_data(corpus: Path, tmp_path:
     assert all(np.isfinite(r["loss"]) for r in logged)
     assert {r["lr"] for r in logged if r["step"] <= 5} == {1e-3}
     assert {r["lr"] for r in logged if r["step"] > 5} == {0.5e-3}
-    state = json.loads((latest_checkpoint(run) / "train_state.json").read_text())
+    state = json.loads((latest_checkpoint(run) / "train_state.json").read_text())["train"]
     assert state["data_offset"] == (9 - 5) * BATCH and state["rollbacks"] == 1
     # Counted in progress: 5 steps before the rollback point plus 11 after, 8 samples each.
     assert summary["steps"] == 16 and summary["samples"] == 16 * BATCH
@@ -231,11 +232,16 @@ def copy_run(run: Path, to: Path) -> Path:
 
 
 def test_resume_with_a_different_model_shape_is_refused(corpus: Path, finished_run: Path, tmp_path: Path) -> None:
-    """`--resume auto` with model.d_model changed: exit 2, one line naming the parameter, nothing changed."""
+    """`--resume auto` with model.d_model changed: exit 2, one line naming the key, nothing changed; with
+    --allow-change the checkpoint itself is refused, naming the parameter."""
     run = copy_run(finished_run, tmp_path / "run")
     before = snapshot(run)
     args = base_args(corpus, run, "model.n_layer=2", "model.d_model=64", "--resume", "auto")[1:]
     r = run_cli("train", *args, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2, r.stderr
+    assert "the strategy differs from the one" in error_line(r.stderr) and "model.d_model (32 -> 64)" in r.stderr
+    assert snapshot(run) == before
+    r = run_cli("train", *args, "--allow-change", env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 2, r.stderr
     line = error_line(r.stderr)
     assert "step-00000006' is of a different model: tok_emb.weight has shape [256, 32] there but [256, 64] here" in line
@@ -256,7 +262,7 @@ def test_resume_into_another_model_is_refused(
     """Fewer layers, more layers, another context: refused before anything is loaded or written."""
     run = copy_run(finished_run, tmp_path / "run")
     before = snapshot(run)
-    assert main([*base_args(corpus, run, "model.n_layer=2", change), "--resume", "auto"]) == 2
+    assert main([*base_args(corpus, run, "model.n_layer=2", change), "--resume", "auto", "--allow-change"]) == 2
     assert fragment in error_line(capsys.readouterr().err)
     assert snapshot(run) == before
 
@@ -299,7 +305,7 @@ def test_saved_checkpoint_loads_into_a_fresh_trainer(corpus: Path, finished_run:
 
     s = Strategy.load(finished_run / "strategy.toml")  # the run's own resolved strategy
     trainer = Trainer(s, build_task(s.resolve()))
-    load_checkpoint(trainer, finished_run / "checkpoints" / "step-00000006")
+    trainer.checkpointer.load(finished_run / "checkpoints" / "step-00000006")
     assert trainer.progress.step == 6
     from safetensors.torch import load_file
 

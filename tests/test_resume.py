@@ -369,7 +369,6 @@ def test_elastic_restart_after_a_worker_is_killed(corpus: Path, tmp_path: Path, 
 )
 def test_resume_is_exact_for_stateful_strategies(extra: list[str], corpus: Path, tmp_path: Path) -> None:
     """Optimizer modes, estimator averages and the adaptive batch all travel in the checkpoint."""
-    from regimen.checkpoint import resume_trainer
     from regimen.strategy import Strategy
     from regimen.task import build_task
     from regimen.trainer import Trainer
@@ -394,7 +393,7 @@ def test_resume_is_exact_for_stateful_strategies(extra: list[str], corpus: Path,
     with pytest.raises(Crash):
         trainer(tmp_path / "b", crash=10).fit()
     resumed = trainer(tmp_path / "b")
-    assert resume_trainer(resumed, tmp_path / "b", "auto") == tmp_path / "b" / "checkpoints" / "step-00000008"
+    assert resumed.checkpointer.resume("auto") == tmp_path / "b" / "checkpoints" / "step-00000008"
     resumed.fit()
     assert resumed.progress.step == 12
     assert_same_weights(tmp_path / "a", tmp_path / "b")

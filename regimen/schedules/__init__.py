@@ -22,6 +22,7 @@ from regimen.schedules.batch import (
 )
 from regimen.schedules.lr import (
     Schedule,
+    build_lr_multiplier,
     build_lr_schedule,
     constant,
     cosine,
@@ -46,6 +47,7 @@ __all__ = [
     "Schedule",
     "budget_reached",
     "build_batch_schedule",
+    "build_lr_multiplier",
     "build_lr_schedule",
     "constant",
     "cosine",

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -30,6 +31,7 @@ Schedule = Callable[[float], float]
 
 __all__ = [
     "Schedule",
+    "build_lr_multiplier",
     "build_lr_schedule",
     "constant",
     "cosine",
@@ -281,6 +283,19 @@ def build_lr_schedule(cfg: LRConfig, peak: float, total: float) -> Schedule:
     else:
         raise UserError(f"lr.schedule = {name!r}: unknown schedule")
     return _with_warmup(main, peak, warmup)
+
+
+def build_lr_multiplier(cfg: LRConfig, peak: float, total: float) -> Schedule:
+    """The LR as a multiple of its peak `optimizer.lr`: `build_lr_schedule` with the peak at 1.
+
+    The trainer scales each parameter group's own peak by this multiplier, so groups with
+    different peaks keep their ratio. `min_lr` stays absolute (its multiple is `min_lr / peak`).
+
+    >>> lr = build_lr_multiplier(LRConfig(schedule="cosine", min_lr=0.01), peak=0.1, total=100)
+    >>> lr(0), round(lr(50), 6), round(lr(100), 6)
+    (1.0, 0.55, 0.1)
+    """
+    return build_lr_schedule(dataclasses.replace(cfg, min_lr=cfg.min_lr / peak), 1.0, total)
 
 
 def _with_warmup(main: Schedule, peak: float, warmup: float) -> Schedule:
