@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from regimen.models import GPT, GPTConfig, count_parameters
-from regimen.optim import NAMES, TORCH_OPTIMIZERS, CombinedOptimizer, build_optimizer, set_train_mode
+from regimen.optim import NAMES, CombinedOptimizer, build_optimizer, set_train_mode
 from regimen.optim import reference as ref
 from regimen.optim.groups import decay_groups, muon_split
+from regimen.registry import OPTIMIZERS
 from regimen.strategy import OptimizerConfig
 
 WEIGHT_DECAY = 0.1  # non-zero, so the decay path and both parameter groups are exercised
@@ -43,7 +44,7 @@ LR = {"lion": 1e-4, "lars": 0.1, "schedulefree_sgd": 0.1, "muon": 0.02, "sgd": 0
 
 # The baseline of each name: torch's constructor and the keywords the name implies.
 TORCH_DEFAULT: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]]] = {
-    **TORCH_OPTIMIZERS,
+    **{e.name: (e.load(), dict(e.meta.get("implied", {}))) for e in OPTIMIZERS.entries() if e.target.startswith("torch.")},
     "lion": (ref.LionReference, {}),
     "lamb": (ref.LAMBReference, {}),
     "lars": (ref.LARSReference, {}),

@@ -17,6 +17,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
+from pathlib import Path
+from typing import Any
 
 from regimen.errors import UserError
 
@@ -131,9 +134,27 @@ COMMANDS = {
 }
 
 
+def _one_line_warnings() -> None:
+    """regimen's own warnings (a setting ignored, a size rounded) as one line each, like its errors."""
+    package = str(Path(__file__).parent)
+    default = warnings.showwarning
+    if getattr(default, "regimen", False):
+        return  # installed by an earlier call in this process
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if filename.startswith(package):
+            print(f"regimen: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    show.regimen = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `regimen` command; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    _one_line_warnings()
     parser = build_parser()
     commands = _subparsers(parser)
     if not argv or argv[0] not in commands:

@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from regimen.errors import UserError
-from regimen.rundir import METRICS_FILE
+from regimen.rundir import METRICS_FILE, SUMMARY_FILE, write_summary
 from regimen.strategy import DEFAULT_TASK, Strategy, apply_overrides, flatten, parse_value, read_toml
 
 # The classic comparison (`regimen compare` with no arguments). The task is the built-in MLP on
@@ -351,18 +351,18 @@ def _derived_notes(tree: dict[str, Any], runs: list[PlannedRun], held: list[str]
     notes = []
     for key in held:
         section, name = key.split(".")
-        held = tree.get(section, {}).get(name)
+        value = tree.get(section, {}).get(name)
         differ = []
         for run in runs:
             if key in run.overrides:
                 continue
             own = run.strategy.replace({key: "auto" if name == "scale_with_batch" else None}).resolve()
-            if getattr(getattr(own, section), name) != held:
+            if getattr(getattr(own, section), name) != value:
                 differ.append(run.name)
         if differ:
             shown = ", ".join(differ[:4]) + (", ..." if len(differ) > 4 else "")
             notes.append(
-                f"{key} = {held!r}, derived from the base, is held in every run ({shown} alone would derive another value; "
+                f"{key} = {value!r}, derived from the base, is held in every run ({shown} alone would derive another value; "
                 f"it matters only when the batch size differs from lr.reference_batch); set it or --vary it to choose"
             )
     return notes
@@ -485,8 +485,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def mark_failed(run_dir: Path, error: str) -> None:
     """Record a run that stopped with an error (diverged, say) so the report and re-runs know."""
-    summary = {"status": "failed", "error": error}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_summary(run_dir, {"status": "failed", "error": error})
 
 
 def usable_cores() -> int:
@@ -673,11 +672,16 @@ def run_compare(plan: Plan, out: Path, jobs: int = 1, target_loss: float | None 
     else:
         outcomes += [train_one(plan_file, run_dir, announce, status == "resume") for plan_file, run_dir, status in todo]
 
-    run_dirs = [out / run.name for run in plan.runs if (out / run.name / METRICS_FILE).is_file()]
+    run_dirs = [out / run.name for run in plan.runs if _has_run(out / run.name)]
     if not run_dirs:
         raise UserError(f"compare: no run produced metrics (see the logs under {str(out)!r})")
     path = report.write_report(run_dirs, out, base=plan.report_base(), target_loss=target_loss)
     return path, outcomes
+
+
+def _has_run(run_dir: Path) -> bool:
+    """Whether a run left anything to report: metrics, or the summary of a run that failed before its first step."""
+    return (run_dir / METRICS_FILE).is_file() or (run_dir / SUMMARY_FILE).is_file()
 
 
 def format_ranking(run_dirs: Sequence[Path]) -> str:
@@ -692,7 +696,10 @@ def format_ranking(run_dirs: Sequence[Path]) -> str:
         on = ranked_on(run)
         what = f"{'best val' if on[0] == 'val' else 'final train'} loss {on[1]:.4f}" if on else "no loss"
         seconds = f"{run.wall_time:7.1f} s" if run.wall_time is not None else ""
-        lines.append(f"  {i:>2}. {run.name:<{width}}  {what}  {seconds}  {run.status if run.status != 'finished' else ''}".rstrip())
+        status = run.status if run.status != "finished" else ""
+        if run.status == "failed":
+            status += f": {(run.summary or {}).get('error', '')}"
+        lines.append(f"  {i:>2}. {run.name:<{width}}  {what}  {seconds}  {status}".rstrip())
     return "\n".join(lines)
 
 
@@ -724,16 +731,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"regimen compare: {what}, {len(plan.runs)} runs into {out}/ (jobs {jobs})", file=sys.stderr)
     start = time.perf_counter()
     path, outcomes = run_compare(plan, out, jobs, args.target_loss)
-    dirs = [out / r.name for r in plan.runs if (out / r.name / "metrics.jsonl").is_file()]
+    dirs = [out / r.name for r in plan.runs if _has_run(out / r.name)]
     trained = sum(o.state != "skipped" for o in outcomes)
     print(f"regimen compare: {len(plan.runs)} runs ({trained} trained now) in {time.perf_counter() - start:.0f} s, best first:")
     print(format_ranking(dirs))
     print(f"report: {path}")
     crashed = [o for o in outcomes if o.state == "crashed"]
+    failed = [o for o in outcomes if o.state == "failed" or (o.state == "skipped" and o.detail == "failed")]
+    for outcome in failed:
+        error = (_read_json(out / outcome.name / SUMMARY_FILE) or {}).get("error", outcome.detail)
+        print(f"regimen compare: run {outcome.name} failed: {error}", file=sys.stderr)
     if crashed:
         print(
             f"regimen compare: {len(crashed)} run(s) stopped early ({', '.join(o.name for o in crashed)}); re-run to resume them",
             file=sys.stderr,
         )
-        return 1
-    return 0
+    return 1 if crashed or failed else 0

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import sysconfig
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from regimen.errors import UserError
+from regimen.registry import DATA_SOURCES
 from regimen.strategy import DataConfig
 
 # The synthetic set is the same whatever the training seed, so runs with different seeds
@@ -267,51 +268,70 @@ def _memmap_tokens(source: str, path: Path) -> np.ndarray:
 
 
 def load_source(cfg: DataConfig, context: int) -> TaskData:
-    """The `TaskData` of a built-in source, for a model with the given context length."""
-    kind = cfg.source.split(":", 1)[0]
-    train: np.ndarray
-    val: np.ndarray
-    if kind == "synthetic":
-        x, y = synthetic_classification(cfg.num_samples, cfg.num_features, cfg.num_classes)
-        n_val = round(cfg.num_samples * cfg.val_fraction)
-        n_train = cfg.num_samples - n_val
-        return TaskData(
-            TensorSamples((x[:n_train], y[:n_train])),
-            TensorSamples((x[n_train:], y[n_train:])) if n_val else None,
-            num_features=cfg.num_features,
-            num_classes=cfg.num_classes,
-            description=f"synthetic: {cfg.num_classes}-class Gaussian mixture, {n_train} train / {n_val} val samples",
+    """The `TaskData` of a built-in source (regimen.registry.DATA_SOURCES), for a model with the given context length."""
+    loader: Callable[[DataConfig, int], TaskData] = DATA_SOURCES[cfg.kind].load()
+    return loader(cfg, context)
+
+
+def load_synthetic(cfg: DataConfig, context: int) -> TaskData:
+    """`synthetic`: the seeded Gaussian-mixture classification set, split by `val_fraction`."""
+    x, y = synthetic_classification(cfg.num_samples, cfg.num_features, cfg.num_classes)
+    n_val = round(cfg.num_samples * cfg.val_fraction)
+    n_train = cfg.num_samples - n_val
+    return TaskData(
+        TensorSamples((x[:n_train], y[:n_train])),
+        TensorSamples((x[n_train:], y[n_train:])) if n_val else None,
+        num_features=cfg.num_features,
+        num_classes=cfg.num_classes,
+        description=f"synthetic: {cfg.num_classes}-class Gaussian mixture, {n_train} train / {n_val} val samples",
+    )
+
+
+def load_python(cfg: DataConfig, context: int) -> TaskData:
+    """`python`: data given in Python (`rg.fit`), never read from a strategy file."""
+    raise UserError("data.source = 'python' is the data given to rg.fit in Python; a strategy file names stdlib, text:PATH or tokens:PATH")
+
+
+def load_stdlib(cfg: DataConfig, context: int) -> TaskData:
+    """`stdlib`: the standard library's `.py` files as bytes, split by file."""
+    train, val, n_files = stdlib_corpus(cfg.val_fraction)
+    desc = f"stdlib: {n_files} .py files of Python's standard library, {len(train) / 1e6:.1f}M train / {len(val) / 1e6:.1f}M val bytes"
+    return _token_data(cfg.source, train, val, context, 256, desc)
+
+
+def load_text(cfg: DataConfig, context: int) -> TaskData:
+    """`text:PATH`: a file's bytes; the last `val_fraction` of it is the validation set."""
+    path = _read_path(cfg.source)
+    if path.is_dir():
+        raise UserError(
+            f"data.source = {cfg.source!r}: {str(path)!r} is a directory; give a text file (or tokens:DIR for a prepared directory)"
         )
-    if kind == "stdlib":
-        train, val, n_files = stdlib_corpus(cfg.val_fraction)
-        desc = f"stdlib: {n_files} .py files of Python's standard library, {len(train) / 1e6:.1f}M train / {len(val) / 1e6:.1f}M val bytes"
-        vocab = 256
-    elif kind == "text":
-        path = _read_path(cfg.source)
-        if path.is_dir():
-            raise UserError(f"data.source = {cfg.source!r}: is a directory; give a text file")
-        data = np.fromfile(path, dtype=np.uint8)
+    data = np.fromfile(path, dtype=np.uint8)
+    cut = len(data) - int(len(data) * cfg.val_fraction)
+    return _token_data(cfg.source, data[:cut], data[cut:], context, 256, f"text: {path} ({len(data) / 1e6:.2f}M bytes)")
+
+
+def load_tokens(cfg: DataConfig, context: int) -> TaskData:
+    """`tokens:PATH`: uint16 token ids, one `.bin` file (split by position) or a directory of train.bin / val.bin."""
+    path = _read_path(cfg.source)
+    if path.is_dir():
+        if not (path / "train.bin").exists():
+            raise UserError(f"data.source = {cfg.source!r}: the directory has no train.bin")
+        train = _memmap_tokens(cfg.source, path / "train.bin")
+        val = _memmap_tokens(cfg.source, path / "val.bin") if (path / "val.bin").exists() else train[:0]
+    else:
+        data = _memmap_tokens(cfg.source, path)
         cut = len(data) - int(len(data) * cfg.val_fraction)
         train, val = data[:cut], data[cut:]
-        desc = f"text: {path} ({len(data) / 1e6:.2f}M bytes)"
-        vocab = 256
-    elif kind == "tokens":
-        path = _read_path(cfg.source)
-        if path.is_dir():
-            if not (path / "train.bin").exists():
-                raise UserError(f"data.source = {cfg.source!r}: the directory has no train.bin")
-            train = _memmap_tokens(cfg.source, path / "train.bin")
-            val = _memmap_tokens(cfg.source, path / "val.bin") if (path / "val.bin").exists() else train[:0]
-        else:
-            data = _memmap_tokens(cfg.source, path)
-            cut = len(data) - int(len(data) * cfg.val_fraction)
-            train, val = data[:cut], data[cut:]
-        # The vocabulary must cover every token id; one pass over the file finds it.
-        vocab = int(max(train.max(), val.max() if len(val) else 0)) + 1
-        desc = f"tokens: {path} ({len(train) / 1e6:.2f}M train / {len(val) / 1e6:.2f}M val tokens, vocab {vocab})"
-    else:
-        raise UserError(f"data.source = {cfg.source!r}: allowed: stdlib, synthetic, text:PATH, tokens:PATH")
-    _check_length(cfg.source, len(train), context, "training set")
+    # The vocabulary must cover every token id; one pass over the file finds it.
+    vocab = int(max(train.max(), val.max() if len(val) else 0)) + 1
+    desc = f"tokens: {path} ({len(train) / 1e6:.2f}M train / {len(val) / 1e6:.2f}M val tokens, vocab {vocab})"
+    return _token_data(cfg.source, train, val, context, vocab, desc)
+
+
+def _token_data(source: str, train: np.ndarray, val: np.ndarray, context: int, vocab: int, desc: str) -> TaskData:
+    """Windows of `context + 1` tokens for training and validation (validation only when it holds one)."""
+    _check_length(source, len(train), context, "training set")
     val_windows = TokenWindows(val, context) if len(val) >= context + 1 else None
     entropy = unigram_entropy(train, 256) if vocab == 256 else None
     return TaskData(

@@ -169,6 +169,7 @@ def range_test(task: Task, strategy: Strategy, sweep: Sweep | None = None) -> LR
         True
     """
     from regimen.optim import set_train_mode
+    from regimen.task import loss_unit
     from regimen.trainer import Trainer
 
     sweep = sweep or Sweep()
@@ -214,7 +215,7 @@ def range_test(task: Task, strategy: Strategy, sweep: Sweep | None = None) -> LR
         steepest,
         minimum,
         width=window(sweep.steps),
-        loss_unit=_loss_unit(task),
+        loss_unit=loss_unit(task),
         batch_size=batches.pop() if len(batches) == 1 else None,
         optimizer=s.optimizer.name,
     )
@@ -307,14 +308,6 @@ def suggestions(lrs: list[float], smoothed: list[float]) -> tuple[float | None, 
         return None, None
     slope = np.gradient(y[: low + 1], np.log(np.asarray(lrs[: low + 1], dtype=np.float64)))
     return float(lrs[int(np.argmin(slope))]), float(lrs[low])
-
-
-def _loss_unit(task: Task) -> str:
-    from regimen.task import cross_entropy
-
-    if task.loss is not cross_entropy or task.data is None:
-        return "loss"
-    return "nats/token" if task.data.tokens_per_sample > 1 else "nats/sample"
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from regimen.errors import UserError
+from regimen.registry import MODELS
 from regimen.strategy import ModelConfig
 
 
@@ -145,19 +147,47 @@ class MLP(nn.Module):
 
 
 def build_model(cfg: ModelConfig, *, vocab_size: int = 256, num_features: int = 100, num_classes: int = 10) -> nn.Module:
-    """The model the `[model]` section names, sized for the data it will see."""
-    if cfg.name == "gpt":
-        return GPT(GPTConfig(vocab_size, cfg.context, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.dropout))
-    if cfg.name == "mlp":
-        return MLP(num_features, list(cfg.hidden), num_classes)
+    """The model the `[model]` section names, sized for the data it will see.
+
+    A registered name (regimen.registry.MODELS) or `package.module:factory`, called with
+    `[model] kwargs`; any failure of a user's factory is one line naming it.
+    """
+    sizes = {"vocab_size": vocab_size, "num_features": num_features, "num_classes": num_classes}
+    if cfg.name in MODELS:
+        return MODELS[cfg.name].load()(cfg, **sizes)
+    return _user_model(cfg)
+
+
+def build_gpt(cfg: ModelConfig, *, vocab_size: int, num_features: int, num_classes: int) -> nn.Module:
+    """`gpt`: the built-in GPT for a token vocabulary."""
+    return GPT(GPTConfig(vocab_size, cfg.context, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.dropout))
+
+
+def build_mlp(cfg: ModelConfig, *, vocab_size: int, num_features: int, num_classes: int) -> nn.Module:
+    """`mlp`: the built-in classifier for feature vectors."""
+    return MLP(num_features, list(cfg.hidden), num_classes)
+
+
+def _user_model(cfg: ModelConfig) -> nn.Module:
+    """`package.module:factory`: import it (this runs the module's code, like any import) and call it with `[model] kwargs`."""
     module_name, _, attr = cfg.name.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise UserError(f"model.name = {cfg.name!r}: cannot import it ({e})") from None
+    if not callable(factory):
+        raise UserError(f"model.name = {cfg.name!r}: {attr} is a {type(factory).__name__}, not a callable that builds a model")
+    try:
+        inspect.signature(factory).bind(**cfg.kwargs)
+    except TypeError as e:
+        raise UserError(f"model.kwargs = {cfg.kwargs}: {cfg.name} does not take them ({e})") from None
+    except ValueError:
+        pass  # a builtin without a signature: let the call decide
     model = factory(**cfg.kwargs)
     if not isinstance(model, nn.Module):
         raise UserError(f"model.name = {cfg.name!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError(f"model.name = {cfg.name!r}: the model has no trainable parameters")
     return model
 
 

@@ -180,10 +180,17 @@ def run_label(name: str, colour: str, linestyle: Any) -> str:
     return f"<span class='runname'>{swatch(colour, linestyle)}<code>{text}</code></span>"
 
 
-def status_badge(status: str) -> str:
-    """A coloured pill: finished (green), running (amber), anything else (red)."""
+def status_badge(status: str, reason: str | None = None) -> str:
+    """A coloured pill: finished (green), running (amber), anything else (red), with a failed run's one-line reason."""
     kind = status if status in ("finished", "running") else "other"
-    return f'<span class="badge {kind}">{e(status)}</span>'
+    why = f"<br><small class='reason'>{e(reason)}</small>" if reason else ""
+    return f'<span class="badge {kind}">{e(status)}</span>{why}'
+
+
+def _reason(run: Run) -> str | None:
+    """Why a run failed (its summary's one-line error), or None."""
+    error = (run.summary or {}).get("error")
+    return str(error) if error else None
 
 
 def incidents(run: Run) -> str:
@@ -307,7 +314,7 @@ def _ranking(
         cells = [
             f"<td class='num'>{i}</td>",
             f"<td class='run'>{run_label(run.name, colour, ls)}{badge}</td>",
-            f"<td>{status_badge(run.status)}{f'<br><small>{e(incidents(run))}</small>' if incidents(run) else ''}</td>",
+            f"<td>{status_badge(run.status, _reason(run))}{f'<br><small>{e(incidents(run))}</small>' if incidents(run) else ''}</td>",
             f"<td class='num'>{fmt_loss(run.best_val_loss)}</td>",
             f"<td class='num'>{fmt_loss(run.final_loss)}{'<br><small>ranked on this</small>' if on and on[0] == 'train' else ''}</td>",
             to_target,
@@ -433,7 +440,8 @@ def single_page(
         else " No <code>summary.json</code> yet: the run is still going (or died); numbers are the latest logged."
     )
     trouble = f" {e(incidents(run)).capitalize()}." if incidents(run) else ""
-    head = f"<header><h1>{e(title)} {status_badge(run.status)}</h1><p class='sub'><code>{e(run.path)}</code>.{trouble}{going}</p></header>"
+    badge = status_badge(run.status, _reason(run))
+    head = f"<header><h1>{e(title)} {badge}</h1><p class='sub'><code>{e(run.path)}</code>.{trouble}{going}</p></header>"
     body = [
         head,
         f"<section id='summary'><h2>Summary</h2><div class='cards'>{card_html}</div></section>",

@@ -633,14 +633,15 @@ def load_run(run_dir: str | Path) -> Run:
         raise UserError(f"run directory {str(path)!r} does not exist")
     if not path.is_dir():
         raise UserError(f"run directory {str(path)!r} is not a directory")
-    if not (path / METRICS_FILE).is_file():
+    summary = read_summary(path)
+    if not (path / METRICS_FILE).is_file() and summary is None:
         raise UserError(f"{str(path)!r} is not a run directory: it has no {METRICS_FILE} (runs made by `regimen train` have one)")
     return Run(
         name=path.resolve().name or str(path),
         path=path,
         strategy=current_strategy(path),
-        metrics=read_metrics(path / METRICS_FILE),
-        summary=read_summary(path),
+        metrics=read_metrics(path / METRICS_FILE),  # none for a run that failed before its first step
+        summary=summary,
     )
 
 

@@ -23,12 +23,13 @@ import tomllib
 import types
 import typing
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from regimen.errors import UserError
+from regimen.registry import BATCH_SCHEDULES, DATA_SOURCES, LR_SCHEDULES, MODELS, OPTIMIZERS
 
 Unit = Literal["steps", "samples", "tokens"]
 
@@ -36,50 +37,46 @@ Unit = Literal["steps", "samples", "tokens"]
 # `plan` run when no CONFIG is given (`Strategy.default()`).
 DEFAULT_TASK = Path(__file__).with_name("default_task.toml")
 
-# Optimizer families, for the default LR-scaling rule (sqrt for adaptive methods, linear for
-# SGD-like ones, following Malladi et al. 2022 and Goyal et al. 2017).
-SGD_FAMILY = frozenset({"gd", "sgd", "momentum", "nesterov", "lars", "schedulefree_sgd"})
 
-# Which optional [optimizer] keys each algorithm accepts (torch's argument names). Keys not
-# listed for an optimizer are rejected, so a typo or a key of another algorithm never passes
-# silently.
-OPTIMIZER_KEYS: dict[str, frozenset[str]] = {
-    "gd": frozenset(),
-    "sgd": frozenset({"momentum", "dampening", "nesterov"}),
-    "momentum": frozenset({"momentum", "dampening"}),
-    "nesterov": frozenset({"momentum"}),
-    "adagrad": frozenset({"eps", "lr_decay", "initial_accumulator_value"}),
-    "rmsprop": frozenset({"alpha", "eps", "momentum", "centered"}),
-    "adam": frozenset({"betas", "eps", "amsgrad"}),
-    "adamw": frozenset({"betas", "eps", "amsgrad"}),
-    "nadam": frozenset({"betas", "eps", "momentum_decay"}),
-    "radam": frozenset({"betas", "eps"}),
-    "adafactor": frozenset({"beta2_decay", "eps", "d"}),
-    "muon": frozenset({"momentum", "nesterov", "ns_steps", "ns_dtype", "adjust_lr_fn", "betas", "eps"}),
-    "lion": frozenset({"betas"}),
-    "lamb": frozenset({"betas", "eps"}),
-    "lars": frozenset({"momentum", "nesterov", "trust_coefficient", "eps"}),
-    "schedulefree_adamw": frozenset({"betas", "eps", "warmup_steps", "r", "weight_lr_power"}),
-    "schedulefree_sgd": frozenset({"momentum", "warmup_steps", "r", "weight_lr_power"}),
-}
+def optimizer_keys(name: str) -> frozenset[str]:
+    """The optional [optimizer] keys (torch's argument names) an algorithm takes; others are refused."""
+    return OPTIMIZERS[name].meta["keys"]
+
+
+# Every algorithm-specific key any optimizer takes.
+ALGORITHM_KEYS = frozenset().union(*(e.meta["keys"] for e in OPTIMIZERS.entries()))
 
 # Muon's Newton-Schulz dtype: "auto" is bfloat16 where the hardware multiplies it natively.
 NS_DTYPES = ("auto", "bfloat16", "float32")
 BUDGET_UNITS = ("steps", "samples", "tokens", "epochs")
-ALGORITHM_KEYS = frozenset().union(*OPTIMIZER_KEYS.values())
 
-LR_SCHEDULES = (
-    "constant",
-    "linear",
-    "polynomial",
-    "exponential",
-    "step",
-    "multistep",
-    "cosine",
-    "wsd",
-    "inverse_sqrt",
-    "one_cycle",
-)
+
+def _in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], bool]:
+    return lambda v: (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+
+# What each algorithm key may be, checked when the strategy is read (torch and the own
+# optimizers would otherwise refuse a bad value deep inside, with a traceback). Each rule is
+# (test, what is allowed); a key has the same meaning in every optimizer that takes it.
+KEY_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "betas": (lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v), "two numbers in [0, 1)"),
+    "eps": (_in(0.0, math.inf), "must be >= 0"),
+    "momentum": (_in(0.0, 1.0, hi_open=True), "must be in [0, 1)"),
+    "dampening": (_in(0.0, 1.0), "must be in [0, 1]"),
+    "lr_decay": (_in(0.0, math.inf), "must be >= 0"),
+    "initial_accumulator_value": (_in(0.0, math.inf), "must be >= 0"),
+    "alpha": (_in(0.0, 1.0), "must be in [0, 1] (the smoothing constant of the squared gradients)"),
+    "momentum_decay": (_in(0.0, math.inf), "must be >= 0"),
+    "beta2_decay": (_in(-math.inf, 0.0), "must be <= 0 (Adafactor's decay exponent, -0.8 by default)"),
+    "d": (_in(1.0, math.inf), "must be >= 1 (Adafactor's clipping threshold)"),
+    "ns_steps": (_in(1, 100), "must be an integer in [1, 100] (Newton-Schulz iterations; 5 is usual)"),
+    "ns_dtype": (lambda v: v in NS_DTYPES, "allowed: " + ", ".join(NS_DTYPES)),
+    "adjust_lr_fn": (lambda v: v in ("original", "match_rms_adamw"), "allowed: original, match_rms_adamw"),
+    "trust_coefficient": (_in(0.0, math.inf, lo_open=True), "must be > 0"),
+    "warmup_steps": (_in(0, math.inf), "must be >= 0"),
+    "r": (_in(0.0, math.inf), "must be >= 0"),
+    "weight_lr_power": (_in(0.0, math.inf), "must be >= 0"),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,8 +106,12 @@ class ModelConfig:
         _in_range("model", "dropout", self.dropout, 0.0, 1.0, hi_open=True)
         if self.d_model % self.n_head:
             _fail("model", "d_model", self.d_model, f"must be a multiple of model.n_head ({self.n_head})")
-        if self.name not in ("gpt", "mlp") and ":" not in self.name:
-            _fail("model", "name", self.name, "allowed: gpt, mlp, or package.module:factory")
+        if self.name not in MODELS:
+            module, sep, attr = self.name.partition(":")
+            dotted = all(part.isidentifier() for part in module.split("."))
+            if not sep or not dotted or not attr.isidentifier():
+                allowed = ", ".join(MODELS.names())
+                _fail("model", "name", self.name, f"allowed: {allowed}, or package.module:factory (a Python import path and a name)")
         for h in self.hidden:
             if h <= 0:
                 _fail("model", "hidden", self.hidden, "every width must be > 0")
@@ -127,13 +128,26 @@ class DataConfig:
     num_features: int = 100
     num_classes: int = 10
 
+    @property
+    def kind(self) -> str:
+        """The source's registry name: `text` for `text:PATH`."""
+        return self.source.partition(":")[0]
+
+    @property
+    def path(self) -> str:
+        """The PATH of `text:PATH` / `tokens:PATH` ('' for sources without one)."""
+        return self.source.partition(":")[2]
+
     def validate(self) -> None:
         _in_range("data", "val_fraction", self.val_fraction, 0.0, 1.0, lo_open=False, hi_open=True)
-        kind = self.source.split(":", 1)[0]
-        if kind not in ("stdlib", "synthetic", "text", "tokens", "python"):
-            _fail("data", "source", self.source, "allowed: stdlib, synthetic, text:PATH, tokens:PATH")
-        if kind in ("text", "tokens") and not self.source.split(":", 1)[1:]:
-            _fail("data", "source", self.source, f"give a path: {kind}:PATH")
+        if self.kind not in DATA_SOURCES:
+            listed = ", ".join(f"{e.name}:PATH" if e.meta["path"] else e.name for e in DATA_SOURCES.entries() if e.name != "python")
+            _fail("data", "source", self.source, f"allowed: {listed}")
+        takes_path = DATA_SOURCES[self.kind].meta["path"]
+        if takes_path and not self.path.strip():
+            _fail("data", "source", self.source, f"give a path: {self.kind}:PATH")
+        if not takes_path and self.path:
+            _fail("data", "source", self.source, f"{self.kind} takes no path")
         _positive("data", "num_samples", self.num_samples)
         _positive("data", "num_features", self.num_features)
         if self.num_classes < 2:
@@ -175,26 +189,27 @@ class OptimizerConfig:
     implementation: Literal["auto", "fused", "foreach", "loop"] = "auto"
 
     def validate(self) -> None:
-        if self.name not in OPTIMIZER_KEYS:
-            _fail("optimizer", "name", self.name, "allowed: " + ", ".join(OPTIMIZER_KEYS), options=OPTIMIZER_KEYS)
+        if self.name not in OPTIMIZERS:
+            _fail("optimizer", "name", self.name, "allowed: " + ", ".join(OPTIMIZERS.names()), options=OPTIMIZERS.names())
         _positive("optimizer", "lr", self.lr)
         if self.weight_decay < 0:
             _fail("optimizer", "weight_decay", self.weight_decay, "must be >= 0")
-        allowed = OPTIMIZER_KEYS[self.name]
+        allowed = optimizer_keys(self.name)
         for key in self.algorithm_keys():
-            if getattr(self, key) is not None and key not in allowed:
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if key not in allowed:
                 what = ", ".join(sorted(allowed)) or "none"
-                _fail("optimizer", key, getattr(self, key), f"{self.name} has no such parameter (it takes: {what})")
-        if self.betas is not None and (len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas)):
-            _fail("optimizer", "betas", self.betas, "two numbers in [0, 1)")
-        if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
-            _fail("optimizer", "momentum", self.momentum, "must be in [0, 1)")
-        if self.eps is not None and self.eps < 0:
-            _fail("optimizer", "eps", self.eps, "must be >= 0")
-        if self.ns_dtype is not None and self.ns_dtype not in NS_DTYPES:
-            _fail("optimizer", "ns_dtype", self.ns_dtype, "allowed: " + ", ".join(NS_DTYPES))
-        if self.adjust_lr_fn is not None and self.adjust_lr_fn not in ("original", "match_rms_adamw"):
-            _fail("optimizer", "adjust_lr_fn", self.adjust_lr_fn, "allowed: original, match_rms_adamw")
+                _fail("optimizer", key, value, f"{self.name} has no such parameter (it takes: {what})")
+            test, rule = KEY_RULES.get(key, (lambda v: True, ""))
+            if not test(value):
+                _fail("optimizer", key, value, rule)
+        if self.nesterov and self.name in ("sgd", "lars"):
+            if not self.momentum:
+                _fail("optimizer", "nesterov", True, "Nesterov momentum needs optimizer.momentum > 0")
+            if self.dampening:
+                _fail("optimizer", "dampening", self.dampening, "must be 0 with nesterov = true")
 
     def algorithm_keys(self) -> list[str]:
         """The optional algorithm-specific keys (those that default to None)."""
@@ -235,7 +250,7 @@ class LRConfig:
 
     def validate(self) -> None:
         if self.schedule not in LR_SCHEDULES:
-            _fail("lr", "schedule", self.schedule, "allowed: " + ", ".join(LR_SCHEDULES), options=LR_SCHEDULES)
+            _fail("lr", "schedule", self.schedule, "allowed: " + ", ".join(LR_SCHEDULES.names()), options=LR_SCHEDULES.names())
         if self.warmup < 0:
             _fail("lr", "warmup", self.warmup, "must be >= 0")
         if self.min_lr < 0:
@@ -264,7 +279,7 @@ class BatchConfig:
     covers the rest); None means the whole rank share in one go.
     """
 
-    schedule: Literal["fixed", "full", "random", "ramp", "adaptive"] = "fixed"
+    schedule: str = "fixed"  # a name of regimen.registry.BATCH_SCHEDULES
     size: int = 32
     micro: int | None = None
     # random: uniform over multiples of the rounding unit in [min, max], or `choices` / `probs`.
@@ -283,6 +298,8 @@ class BatchConfig:
     max_growth: float = 2.0
 
     def validate(self) -> None:
+        if self.schedule not in BATCH_SCHEDULES:
+            _fail("batch", "schedule", self.schedule, "allowed: " + ", ".join(BATCH_SCHEDULES.names()), options=BATCH_SCHEDULES.names())
         _positive("batch", "size", self.size)
         if self.micro is not None:
             _positive("batch", "micro", self.micro)
@@ -319,6 +336,20 @@ class BatchConfig:
         _positive("batch", "every", self.every)
         if self.max_growth < 1.0:
             _fail("batch", "max_growth", self.max_growth, "must be >= 1")
+        if self.micro is not None:
+            largest = {"ramp": self.size, "random": self.max or max(self.choices, default=0), "adaptive": self.max}.get(self.schedule)
+            if largest and self.micro > largest:
+                _fail("batch", "micro", self.micro, f"must be <= the largest batch of the {self.schedule} schedule ({largest})")
+        # A key another schedule reads is ignored here: say so (torchtitan's rule) rather than drop it silently.
+        readers = {"stages": "ramp", "start": "ramp", "span": "ramp", "choices": "random", "probs": "random"}
+        ignored = [k for k, schedule in readers.items() if getattr(self, k) not in (None, []) and self.schedule != schedule]
+        ignored += [k for k in ("min", "max") if getattr(self, k) is not None and self.schedule not in ("random", "adaptive")]
+        if ignored:
+            warnings.warn(
+                f"batch.{', batch.'.join(ignored)} ignored: batch.schedule = {self.schedule!r} does not read "
+                f"{'it' if len(ignored) == 1 else 'them'}",
+                stacklevel=4,
+            )
 
 
 @dataclass
@@ -350,6 +381,8 @@ class TrainConfig:
             _fail("train", set_budgets[1], getattr(self, set_budgets[1]), f"give one budget only (train.{set_budgets[0]} is set too)")
         for key in set_budgets:
             _positive("train", key, getattr(self, key))
+        if not 0 <= self.seed < 2**63:
+            _fail("train", "seed", self.seed, "must be an integer in [0, 2^63)")
         _positive("train", "eval_every", self.eval_every)
         if self.eval_samples < 0:
             _fail("train", "eval_samples", self.eval_samples, "must be >= 0 (0 = the whole validation set)")
@@ -519,10 +552,14 @@ class Strategy:
                 f"lr.schedule = {self.lr.schedule!r} multiplies it: use lr.schedule = 'constant' unless you mean to",
                 stacklevel=3,
             )
-        if self.model.name == "mlp" and self.data.source not in ("synthetic", "python"):
-            _fail("model", "name", "mlp", f"the MLP classifies feature vectors: use data.source = 'synthetic', not {self.data.source!r}")
-        if self.model.name == "gpt" and self.data.source == "synthetic":
-            _fail("model", "name", "gpt", "the GPT needs a token source (stdlib, text:PATH, tokens:PATH), not 'synthetic'")
+        # A built-in model needs its kind of data: the GPT token windows, the MLP feature vectors.
+        needs = MODELS[self.model.name].meta["data"] if self.model.name in MODELS else "any"
+        has = DATA_SOURCES[self.data.kind].meta["kind"]
+        if needs != "any" and has not in (needs, "any"):
+            fitting = " or ".join(
+                repr(f"{e.name}:PATH" if e.meta["path"] else e.name) for e in DATA_SOURCES.entries() if e.meta["kind"] == needs
+            )
+            _fail("model", "name", self.model.name, f"it needs {needs} data: use data.source = {fitting}, not {self.data.source!r}")
 
     # ---- derived values ----------------------------------------------------------------
 
@@ -530,7 +567,8 @@ class Strategy:
         """Fill every derived value (None / "auto") so that the saved strategy is explicit."""
         s = copy_strategy(self)
         if s.lr.scale_with_batch == "auto":
-            s.lr.scale_with_batch = "linear" if s.optimizer.name in SGD_FAMILY else "sqrt"
+            # Linear for SGD-like methods (Goyal et al. 2017), sqrt for adaptive ones (Malladi et al. 2022).
+            s.lr.scale_with_batch = "linear" if OPTIMIZERS[s.optimizer.name].meta["family"] == "sgd" else "sqrt"
         if s.lr.reference_batch is None:
             s.lr.reference_batch = s.batch.size
         if s.train.budget()[0] == "steps" and s.train.steps is None:
@@ -631,6 +669,8 @@ def copy_strategy(s: Strategy) -> Strategy:
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Parse a TOML file; a missing or malformed file is a `UserError`."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"config file {str(p)!r} is a directory; give a strategy TOML file")
     if not p.is_file():
         raise UserError(f"config file {str(p)!r} does not exist")
     try:
@@ -673,7 +713,7 @@ def _drop_foreign_keys(tree: dict[str, Any], name: str, overridden: Iterable[str
     """Another algorithm named over a file keeps only the file's keys it takes (not AdamW's betas for sgd)."""
     table = tree.get("optimizer", {})
     for key in list(table):
-        foreign = key in ALGORITHM_KEYS and key not in OPTIMIZER_KEYS.get(name, ALGORITHM_KEYS)
+        foreign = key in ALGORITHM_KEYS and key not in (optimizer_keys(name) if name in OPTIMIZERS else ALGORITHM_KEYS)
         if foreign and f"optimizer.{key}" not in overridden:
             del table[key]
 

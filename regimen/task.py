@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -131,10 +132,52 @@ class Task:
         return {name: fn(logits, target) for name, fn in self.metrics.items()}
 
 
+def loss_unit(task: Task) -> str:
+    """What the task's loss is measured in: nats per byte (byte corpora), per token, per sample, or a squared error.
+
+    >>> from torch import nn
+    >>> loss_unit(Task(nn.Linear(2, 2), None, loss=mse))
+    'squared error'
+    """
+    if task.loss is mse:
+        return "squared error"
+    if task.loss is not cross_entropy and task.loss is not None:
+        return "loss"
+    data = task.data
+    if data is not None and data.tokens_per_sample > 1:
+        return "nats/byte" if data.unigram_entropy is not None else "nats/token"  # a byte corpus has a byte entropy
+    return "nats/sample"
+
+
 def build_task(strategy: Strategy) -> Task:
     """The built-in task a strategy describes: its model on its data source."""
     data = load_source(strategy.data, strategy.model.context)
     torch.manual_seed(strategy.train.seed)  # the model's initial weights follow the seed
     model = build_model(strategy.model, vocab_size=data.vocab_size, num_features=data.num_features, num_classes=data.num_classes)
     metrics = ["accuracy"] if strategy.model.name == "mlp" else []
-    return Task(model, data, loss=cross_entropy, metrics=resolve_metrics(metrics))
+    task = Task(model, data, loss=cross_entropy, metrics=resolve_metrics(metrics))
+    if ":" in strategy.model.name:
+        _check_outputs(task, strategy.model.name)
+    return task
+
+
+def _check_outputs(task: Task, name: str) -> None:
+    """A user's model must run on the data and give a score for every token (or class): one line if not."""
+    assert task.data is not None
+    classes = task.data.vocab_size if task.data.tokens_per_sample > 1 else task.data.num_classes
+    batch = task.data.train.gather(np.arange(min(2, len(task.data.train))))
+    was_training = task.model.training
+    task.model.eval()  # no running statistics (batch norm) may move: this batch is not training
+    try:
+        with torch.no_grad():
+            out = task.model(*batch[:-1])  # the built-in sources give (inputs, target)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"model.name = {name!r}: the model fails on a batch of the data ({type(e).__name__}: {str(e)[:200]})") from None
+    finally:
+        task.model.train(was_training)
+    width = _logits(out).shape[-1]
+    if width < classes:
+        what = "tokens in the data's vocabulary" if task.data.tokens_per_sample > 1 else "classes"
+        raise UserError(f"model.name = {name!r}: the model gives {width} outputs per position, fewer than the {classes} {what}")

@@ -51,9 +51,12 @@ from regimen.optim import build_optimizer, set_train_mode
 from regimen.progress import Progress, Unit
 from regimen.schedules import Schedule, budget_reached, build_batch_schedule, build_lr_multiplier, lr_batch_scale, simulate_budget
 from regimen.strategy import Strategy
-from regimen.task import Task, build_task, mse
+from regimen.task import Task, build_task, loss_unit
 
 Callback = Callable[[dict[str, Any]], None]
+# Validation samples per forward when no micro-batch is set: evaluation keeps no activations
+# for a backward pass, so a chunk this size costs a fraction of a training micro-batch.
+EVAL_CHUNK = 64
 # Called after every optimizer step that was taken (not a skipped one) with the trainer and the
 # step's output (`train_step`'s dict: loss, lr, batch_size, grad_norm): the one place for per-step
 # code that is not the step itself (timing, probes, custom logging). Runs on every rank.
@@ -130,12 +133,31 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto`: the CUDA device of this rank when there is one, else the CPU."""
+    """`auto`: the CUDA device of this rank when there is one, else the CPU; a device this machine lacks is a `UserError`.
+
+    >>> pick_device("cpu")
+    device(type='cpu')
+    """
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device = {name!r}: this machine has no CUDA device (allowed here: auto, cpu)")
+        index = local_rank if name == "cuda" else int(name.partition(":")[2])
+        if index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise UserError(f"train.device = {name!r}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+        return torch.device("cuda", index)
+    if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError("train.device = 'mps': this machine has no Apple GPU (allowed here: auto, cpu)")
     return torch.device(name)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether an exception is the allocator running out of memory (CUDA's, or the CPU's)."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -185,6 +207,12 @@ class Trainer:
         # (`full` rounds only to the world size: it should drop as few samples as it can.)
         self.multiple = self.dist.world_size * (1 if s.batch.schedule == "full" else (s.batch.micro or 1))
         self.batch_schedule = build_batch_schedule(s.batch, seed=s.train.seed, multiple=self.multiple, dataset_size=len(self.data.train))
+        largest, n = self.batch_schedule.largest(), len(self.data.train)
+        if largest > n:
+            raise UserError(
+                f"batch.size = {s.batch.size} ({s.batch.schedule}): the batch reaches {largest:,} samples, more than the training set "
+                f"holds ({n:,}); lower it, or use batch.schedule = 'full' for the whole set each step"
+            )
         unit, self.budget = s.train.budget()
         if unit == "epochs":
             unit, self.budget = "samples", self.budget * len(self.data.train)
@@ -366,7 +394,7 @@ class Trainer:
         shares = split_evenly(len(self.eval_ids), d.world_size)
         lo = sum(shares[: d.rank])
         mine = self.eval_ids[lo : lo + shares[d.rank]]
-        chunk = self.strategy.batch.micro or 64
+        chunk = self.strategy.batch.micro or EVAL_CHUNK
         names = list(self.task.metrics)
         totals = torch.zeros(1 + 2 * len(names), dtype=torch.float64, device=self.device)
         for start in range(0, len(mine), chunk):
@@ -412,7 +440,7 @@ class Trainer:
         self.wrapped.train()
         set_train_mode(self.optimizer, True)
         while not budget_reached(self.progress, self.budget_unit, self.budget):
-            out = self.train_step()
+            out = self._step_or_explain()
             if out["skipped"]:
                 if self._on_nonfinite(out, display):  # rolled back: forget the rows after the checkpoint
                     history = [r for r in history if r["step"] <= self.progress.step]
@@ -469,6 +497,20 @@ class Trainer:
             tb.close()
         return RunResult(self.progress, summary, history, self.run_dir)
 
+    def _step_or_explain(self) -> dict[str, Any]:
+        """`train_step`, with running out of memory said in one line naming the key to lower."""
+        try:
+            return self.train_step()
+        except (MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            micro = self.strategy.batch.micro
+            now = f"batch.micro = {micro}" if micro else "batch.micro unset: the whole share of the batch at once"
+            raise UserError(
+                f"out of memory at step {self.progress.step + 1} (global batch {self.batch_schedule(self.progress)}, {now}); "
+                "lower batch.micro (gradient accumulation keeps the batch), or batch.size"
+            ) from None
+
     def _open_run_dir(self, run_dir: Path) -> tuple[rundir.MetricsWriter, list[dict[str, Any]]]:
         """Rank 0 at the start of `fit`: the strategy (once), the metrics writer, the history so far."""
         step = self.progress.step
@@ -512,11 +554,6 @@ class Trainer:
         if self.noise is not None and self.noise.noise_scale is not None:
             row["noise_scale"] = self.noise.noise_scale
         return row
-
-    def _loss_unit(self) -> str:
-        if self.data.tokens_per_sample > 1:
-            return "nats/byte" if self.data.unigram_entropy is not None else "nats/token"
-        return "nats/sample" if self.task.loss is not mse else "squared error"
 
     def _eval_line(self, row: dict[str, Any]) -> str:
         extras = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_"))
@@ -564,7 +601,7 @@ class Trainer:
             "samples": self.progress.samples,
             "tokens": self.progress.tokens,
             "unigram_entropy": self.data.unigram_entropy,
-            "loss_unit": self._loss_unit(),
+            "loss_unit": loss_unit(self.task),
             "wall_time": elapsed,
             "tokens_per_s": self.progress.tokens / max(elapsed, 1e-9),
             "world_size": self.dist.world_size,

@@ -41,6 +41,36 @@ def need(module: str) -> ModuleType:
         pytest.skip(f"{module} is not installed (pip install -e '.[all]')")
 
 
+def error_line(stderr: str) -> str:
+    """The one `regimen: error:` line of a command's stderr, with no traceback anywhere."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("regimen: error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def snapshot(path: Path) -> dict[str, str]:
+    """Every file below `path` and a hash of its bytes (but `.lock`, which names the process that held it last)."""
+    import hashlib
+
+    files = [p for p in sorted(path.rglob("*")) if p.is_file() and p.name != ".lock"]
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def forge_manifest(checkpoint: Path) -> None:
+    """Recompute a checkpoint's MANIFEST.json over its files as they are now, as someone editing it
+    could: only the loader's own checks then stand between a spoiled file and the run."""
+    import hashlib
+    import json
+
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name not in ("MANIFEST.json", "COMPLETE"))
+    manifest = {
+        p.relative_to(checkpoint).as_posix(): {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in files
+    }
+    (checkpoint / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
 @pytest.fixture
 def cli():
     return run_cli

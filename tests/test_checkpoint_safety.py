@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from regimen.checkpoint import list_checkpoints
 from regimen.cli import main
-from tests.conftest import TINY_GPT, run_cli
+from tests.conftest import TINY_GPT, error_line, forge_manifest, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,19 +85,6 @@ def craft(kind: str, checkpoint: Path, marker: Path, forge_checksums: bool = Tru
         forge_manifest(checkpoint)
 
 
-def forge_manifest(checkpoint: Path) -> None:
-    """Recompute MANIFEST.json over the checkpoint's files as they are now."""
-    import hashlib
-    import json
-
-    files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name not in ("MANIFEST.json", "COMPLETE"))
-    manifest = {
-        p.relative_to(checkpoint).as_posix(): {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-        for p in files
-    }
-    (checkpoint / "MANIFEST.json").write_text(json.dumps(manifest))
-
-
 def _plant(kind: str, checkpoint: Path, marker: Path) -> None:
     if kind == "metadata":
         (checkpoint / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
@@ -119,13 +106,6 @@ def _plant(kind: str, checkpoint: Path, marker: Path) -> None:
         torch.save({"cpu": Payload(marker)}, checkpoint / "rng-rank0.pt")
     else:
         raise AssertionError(kind)
-
-
-def error_line(stderr: str) -> str:
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("regimen: error:")]
-    assert len(errors) == 1, stderr
-    return errors[0]
 
 
 REFUSALS = {

@@ -56,15 +56,6 @@ def test_data_shorter_than_context(tmp_path):
     assert r.returncode == 2 and "fewer than model.context + 1" in r.stderr
 
 
-def test_existing_run_dir_is_never_overwritten(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "precious.txt").write_text("keep me")
-    r = run_cli("train", "train.steps=2", "--run-dir", str(run))
-    assert r.returncode == 2 and "--resume" in r.stderr and "--overwrite" in r.stderr
-    assert (run / "precious.txt").read_text() == "keep me"
-
-
 def test_train_writes_a_run_directory(tmp_path):
     run = tmp_path / "run"
     r = run_cli("train", *TINY_GPT, "train.steps=6", "train.eval_every=3", "train.log_every=2", "--run-dir", str(run))

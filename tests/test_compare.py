@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from regimen.errors import UserError
 from regimen.ranking import MISSING, same_value, strategy_diff
 from regimen.rundir import load_run, read_metrics
 from tests.conftest import run_cli
+from tests.html_page import Page
 
 BLANK = Path(__file__).parent / "data" / "blank.toml"
 TASK = [
@@ -47,28 +47,6 @@ TASK = [
 ]
 GRID = ["--vary", "optimizer.name=sgd,adam", "--vary", "lr.schedule=constant,linear"]
 NAMES = {"sgd-constant", "sgd-linear", "adam-constant", "adam-linear"}
-
-
-class Tables(HTMLParser):
-    """For each table class: the `data-run` of each row, and the `data-key`s of its value cells."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.rows: dict[str, dict[str, list[str]]] = {}
-        self.table = ""
-        self.run: str | None = None
-        self.feed(text)
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = {k: v or "" for k, v in attrs}
-        if tag == "table":
-            self.table = a.get("class", "")
-            self.rows.setdefault(self.table, {})
-        elif tag == "tr" and "data-run" in a:
-            self.run = a["data-run"]
-            self.rows[self.table][self.run] = []
-        elif tag == "td" and self.run is not None and "value" in a.get("class", "").split():
-            self.rows[self.table][self.run].append(a["data-key"])
 
 
 def metrics_mtimes(out: Path) -> dict[str, int]:
@@ -92,12 +70,12 @@ def test_grid_makes_four_runs_and_a_report(grid: tuple[Path, str]) -> None:
         assert (out / "strategies" / f"{name}.toml").is_file()
     report = out / "report.html"
     assert f"report: {report}" in stdout
-    tables = Tables(report.read_text())
-    assert set(tables.rows["ranking"]) == NAMES
+    tables = Page(report.read_text())
+    assert set(tables.keys["ranking"]) == NAMES
     # Each run differs from the base (adamw, cosine) in exactly the two varied keys; the derived
     # lr.scale_with_batch (sqrt for adam, linear for sgd when left to `auto`) is not among them.
-    assert set(tables.rows["diff"]) == NAMES
-    for name, keys in tables.rows["diff"].items():
+    assert set(tables.keys["diff"]) == NAMES
+    for name, keys in tables.keys["diff"].items():
         assert sorted(keys) == ["lr.schedule", "optimizer.name"], name
 
 
@@ -151,21 +129,26 @@ def test_a_changed_plan_does_not_overwrite(grid: tuple[Path, str], tmp_path: Pat
 
 def test_jobs_and_a_diverging_run(tmp_path: Path) -> None:
     """--jobs 2: two `regimen train` subprocesses; the one that diverges with no checkpoint to roll
-    back to is marked failed, and the other run and the report go on."""
+    back to is marked failed, the other run and the report go on, the failed run is ranked with
+    its reason, and the comparison exits non-zero."""
     out = tmp_path / "out"
     task = [a for a in TASK if not a.startswith("checkpoint.")] + ["optimizer.name=sgd", "train.clip=0"]
     r = run_cli("compare", str(BLANK), *task, "--vary", "optimizer.lr=0.1,1e30", "--jobs", "2", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr
+    assert "regimen compare: run lr1e+30 failed: training diverged" in r.stderr
+    assert re.search(r"lr1e\+30 .*failed: training diverged", r.stdout), r.stdout
     assert "jobs 2" in r.stderr and r.stderr.count("thread(s)") == 2
     assert json.loads((out / "lr0.1" / "summary.json").read_text())["status"] == "finished"
     assert "regimen: finished 6 steps" in (out / "lr0.1" / "train.log").read_text()
     failed = json.loads((out / "lr1e+30" / "summary.json").read_text())
     assert failed["status"] == "failed" and "diverged" in failed["error"]
     assert "lr1e+30: failed" in r.stderr
-    assert set(Tables((out / "report.html").read_text()).rows["ranking"]) == {"lr0.1", "lr1e+30"}
+    assert set(Page((out / "report.html").read_text()).keys["ranking"]) == {"lr0.1", "lr1e+30"}
     # A re-run would fail the same way: it is skipped.
     plan = make_plan(BLANK, task, ["optimizer.lr=0.1,1e30"])
     assert [run_status(run, out / run.name) for run in plan.runs] == ["finished", "failed"]
+    r = run_cli("compare", str(BLANK), *task, "--vary", "optimizer.lr=0.1,1e30", "--out", str(out))
+    assert r.returncode == 1 and "run lr1e+30 failed: training diverged" in r.stderr
 
 
 def test_child_threads_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:

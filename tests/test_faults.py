@@ -11,7 +11,6 @@ after.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -27,26 +26,12 @@ from regimen.checkpoint import latest_checkpoint
 from regimen.cli import main
 from regimen.data import SampleOrder
 from regimen.rundir import read_metrics
-from tests.conftest import TINY_GPT, run_cli
+from tests.conftest import TINY_GPT, error_line, run_cli, snapshot
 from tests.nan_model import POISON
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BATCH, CONTEXT = 8, 16
-
-
-def error_line(stderr: str) -> str:
-    """The one `regimen: error:` line, with no traceback anywhere."""
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("regimen: error:")]
-    assert len(errors) == 1, stderr
-    return errors[0]
-
-
-def snapshot(run_dir: Path) -> dict[str, str]:
-    """Every file of a run directory and a hash of its bytes (but `.lock`, which names the process that held it last)."""
-    files = [p for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != ".lock"]
-    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def rows(run_dir: Path) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from regimen.ranking import rank_runs, strategy_diff
 from regimen.report import write_report
 from regimen.rundir import load_run, read_metrics
 from regimen.strategy import Strategy
+from tests.html_page import Page
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BASE = {"train.steps": 200}
@@ -105,29 +105,6 @@ def three_runs(tmp_path: Path) -> list[Path]:
         make_run(tmp_path / "b", {"optimizer.lr": 3e-3}, floor=1.2, seconds_per_step=0.08),
         make_run(tmp_path / "c", {"lr.schedule": "constant"}, floor=1.8, finished=False, truncated=True),
     ]
-
-
-class Page(HTMLParser):
-    """The tags and attributes of a page, with the text of each table row."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.tags: list[tuple[str, dict[str, str]]] = []
-        self.table: str | None = None
-        self.rows: dict[str, list[dict[str, str]]] = {}
-        self.feed(text)
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = {k: v or "" for k, v in attrs}
-        self.tags.append((tag, a))
-        if tag == "table":
-            self.table = a.get("class", "")
-            self.rows.setdefault(self.table, [])
-        if tag == "tr" and "data-run" in a and self.table is not None:
-            self.rows[self.table].append(a)
-
-    def all(self, tag: str) -> list[dict[str, str]]:
-        return [a for t, a in self.tags if t == tag]
 
 
 def check_self_contained(report: Path) -> Page:

@@ -30,54 +30,10 @@ from torch import nn
 
 from regimen.optim.closure import evaluate_closure
 from regimen.optim.groups import decay_groups, muon_split, split_decay
-from regimen.optim.muon import Muon
+from regimen.registry import OPTIMIZERS
 from regimen.strategy import OptimizerConfig
 
-# name -> (constructor, keyword arguments the name implies)
-TORCH_OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]]] = {
-    "gd": (torch.optim.SGD, {}),
-    "sgd": (torch.optim.SGD, {}),
-    "momentum": (torch.optim.SGD, {"momentum": 0.9}),
-    "nesterov": (torch.optim.SGD, {"momentum": 0.9, "nesterov": True}),
-    "adagrad": (torch.optim.Adagrad, {}),
-    "rmsprop": (torch.optim.RMSprop, {}),
-    "adam": (torch.optim.Adam, {}),
-    "adamw": (torch.optim.AdamW, {}),
-    "nadam": (torch.optim.NAdam, {}),
-    "radam": (torch.optim.RAdam, {}),
-    "adafactor": (torch.optim.Adafactor, {}),
-}
-_FUSED = frozenset({"gd", "sgd", "momentum", "nesterov", "adagrad", "adam", "adamw"})
-_FOREACH = frozenset({"gd", "sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "nadam", "radam", "adafactor"})
-
-
-def _own(name: str) -> Callable[..., torch.optim.Optimizer]:
-    # Imported lazily: each lives in its own module with its reference implementation.
-    if name == "lion":
-        from regimen.optim.lion import Lion
-
-        return Lion
-    if name == "lamb":
-        from regimen.optim.lamb import LAMB
-
-        return LAMB
-    if name == "lars":
-        from regimen.optim.lars import LARS
-
-        return LARS
-    if name == "schedulefree_adamw":
-        from regimen.optim.schedulefree import ScheduleFreeAdamW
-
-        return ScheduleFreeAdamW
-    if name == "schedulefree_sgd":
-        from regimen.optim.schedulefree import ScheduleFreeSGD
-
-        return ScheduleFreeSGD
-    raise AssertionError(f"no optimizer {name!r}")
-
-
-OWN = ("lion", "lamb", "lars", "schedulefree_adamw", "schedulefree_sgd")
-NAMES = (*TORCH_OPTIMIZERS, "muon", *OWN)
+NAMES = OPTIMIZERS.names()
 
 
 def _implementation(name: str, choice: str, params: Sequence[torch.Tensor]) -> dict[str, Any]:
@@ -85,47 +41,44 @@ def _implementation(name: str, choice: str, params: Sequence[torch.Tensor]) -> d
 
     `auto`: fused where torch has a kernel; foreach on CUDA otherwise; on CPU without a fused
     kernel, torch's default per-tensor loop, which measures faster there than foreach
-    (benchmarks/optimizer_step.py).
+    (benchmarks/optimizer_step.py). regimen's own optimizers pick their own (see regimen.optim.cpu).
     """
+    meta = OPTIMIZERS[name].meta
     on_cuda = all(p.device.type == "cuda" for p in params)
-    fused_ok = name in _FUSED and all(p.device.type in ("cpu", "cuda") for p in params)
+    fused_ok = meta.get("fused", False) and all(p.device.type in ("cpu", "cuda") for p in params)
     if choice == "loop":
-        return {"foreach": False} if name in _FOREACH else {}
+        return {"foreach": False} if meta.get("foreach") else {}
     if choice in ("auto", "fused") and fused_ok:
         return {"fused": True}
     if choice == "fused":
         warnings.warn(f"optimizer.implementation = 'fused': torch has no fused {name}; using foreach", stacklevel=3)
-    if (choice == "foreach" or choice == "fused" or on_cuda) and name in _FOREACH:
+    if (choice == "foreach" or choice == "fused" or on_cuda) and meta.get("foreach"):
         return {"foreach": True}
     return {}
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """The optimizer `cfg.name` names, over the model's parameters in regimen's groups."""
-    if cfg.name == "muon":
-        return _build_muon(model, cfg)
-    kwargs = cfg.kwargs()
+    """The optimizer `cfg.name` names (regimen.registry.OPTIMIZERS), over the model's parameters in regimen's groups."""
+    entry = OPTIMIZERS[cfg.name]
+    if entry.meta.get("hidden_only"):
+        return _build_hidden_and_rest(model, cfg, entry.load())
+    kwargs = {**entry.meta.get("implied", {}), **cfg.kwargs()}
     if cfg.name == "adafactor" and "eps" in kwargs:
         kwargs["eps"] = (None, kwargs["eps"])  # torch's Adafactor takes (eps1, eps2)
-    if cfg.name in TORCH_OPTIMIZERS:
-        ctor, implied = TORCH_OPTIMIZERS[cfg.name]
-        kwargs = {**implied, **kwargs}
-    else:
-        ctor = _own(cfg.name)
-        if cfg.implementation not in ("auto", "foreach"):
-            warnings.warn(
-                f"optimizer.implementation = {cfg.implementation!r} is ignored for {cfg.name}: it always uses foreach", stacklevel=2
-            )
+    torch_kernels = entry.target.startswith("torch.")
+    if not torch_kernels and cfg.implementation not in ("auto", "foreach"):
+        warnings.warn(f"optimizer.implementation = {cfg.implementation!r} is ignored for {cfg.name}: it picks its own", stacklevel=2)
     groups = decay_groups(model, cfg.weight_decay, cfg.decay_all)
     params = [p for g in groups for p in g["params"]]
-    if cfg.name in TORCH_OPTIMIZERS:
+    if torch_kernels:
         kwargs.update(_implementation(cfg.name, cfg.implementation, params))
-    optimizer = ctor(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+    optimizer = entry.load()(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
     _remember_peak(optimizer)
     return optimizer
 
 
-def _build_muon(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def _build_hidden_and_rest(model: nn.Module, cfg: OptimizerConfig, ctor: Callable[..., torch.optim.Optimizer]) -> torch.optim.Optimizer:
+    """Muon (`ctor`) on the hidden weight matrices, AdamW on the rest, stepped as one."""
     hidden, rest = muon_split(model)
     kwargs = cfg.kwargs()
     adam_keys = {k: kwargs.pop(k) for k in ("betas", "eps") if k in kwargs}
@@ -134,7 +87,7 @@ def _build_muon(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer
     # embeddings, head and norms on AdamW are not driven at a Muon-sized LR.
     kwargs.setdefault("adjust_lr_fn", "match_rms_adamw")
     muon_groups = split_decay(hidden, model, cfg.weight_decay, cfg.decay_all)
-    muon = Muon(muon_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs) if muon_groups else None
+    muon = ctor(muon_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs) if muon_groups else None
     adamw_groups = split_decay(rest, model, cfg.weight_decay, cfg.decay_all)
     impl = _implementation("adamw", cfg.implementation, rest)
     adamw = torch.optim.AdamW(adamw_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **adam_keys, **impl) if adamw_groups else None

@@ -20,13 +20,17 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from regimen.errors import UserError
 from regimen.progress import Progress, Unit
-from regimen.strategy import BatchConfig
+from regimen.registry import BATCH_SCHEDULES
+from regimen.schedules.lr import constant, join, linear
+
+if TYPE_CHECKING:
+    from regimen.strategy import BatchConfig
 
 __all__ = [
     "AdaptiveBatch",
@@ -82,12 +86,21 @@ class BatchSchedule:
     32
     """
 
+    @classmethod
+    def from_config(cls, cfg: BatchConfig, *, seed: int, multiple: int, dataset_size: int | None) -> BatchSchedule:
+        """The schedule a `[batch]` section describes (`build_batch_schedule` calls this for its name)."""
+        raise NotImplementedError
+
     def __call__(self, progress: Progress) -> int:
         raise NotImplementedError
 
     def wants_noise(self, progress: Progress) -> bool:
         """Whether `observe` would use a noise scale now (reading one syncs host and device)."""
         return False
+
+    def largest(self) -> int:
+        """The largest batch this schedule can give (checked against the training set before training)."""
+        raise NotImplementedError
 
     def observe(self, progress: Progress, noise_scale: float | None) -> None:
         """Called by the trainer after every step; only `AdaptiveBatch` uses it."""
@@ -107,12 +120,19 @@ class FixedBatch(BatchSchedule):
     64
     """
 
+    @classmethod
+    def from_config(cls, cfg: BatchConfig, *, seed: int, multiple: int, dataset_size: int | None) -> BatchSchedule:
+        return cls(cfg.size, multiple)
+
     def __init__(self, size: int, multiple: int = 1) -> None:
         _check_multiple(multiple)
         _warn_if_rounded("size", [size], multiple)
         self.size = _round(size, multiple)
 
     def __call__(self, progress: Progress) -> int:
+        return self.size
+
+    def largest(self) -> int:
         return self.size
 
 
@@ -129,6 +149,12 @@ class FullBatch(BatchSchedule):
     992
     """
 
+    @classmethod
+    def from_config(cls, cfg: BatchConfig, *, seed: int, multiple: int, dataset_size: int | None) -> BatchSchedule:
+        if dataset_size is None:
+            raise UserError("batch.schedule = 'full': needs a training set of known size")
+        return cls(dataset_size, multiple)
+
     def __init__(self, dataset_size: int, multiple: int = 1) -> None:
         _check_multiple(multiple)
         if dataset_size < multiple:
@@ -139,6 +165,9 @@ class FullBatch(BatchSchedule):
         self.size = _round_down(dataset_size, multiple)
 
     def __call__(self, progress: Progress) -> int:
+        return self.size
+
+    def largest(self) -> int:
         return self.size
 
 
@@ -154,6 +183,10 @@ class RandomBatch(BatchSchedule):
     >>> b(Progress(step=5)) == RandomBatch(seed=0, min=8, max=64, multiple=8)(Progress(step=5))
     True
     """
+
+    @classmethod
+    def from_config(cls, cfg: BatchConfig, *, seed: int, multiple: int, dataset_size: int | None) -> BatchSchedule:
+        return cls(seed=seed, min=cfg.min, max=cfg.max, choices=cfg.choices, probs=cfg.probs, multiple=multiple)
 
     def __init__(
         self,
@@ -192,6 +225,9 @@ class RandomBatch(BatchSchedule):
         m = self.multiple
         return int(rng.integers(self.lo // m, self.hi // m, endpoint=True)) * m
 
+    def largest(self) -> int:
+        return int(self.sizes.max()) if len(self.sizes) else self.hi
+
 
 class RampBatch(BatchSchedule):
     """A batch that grows with progress counted in `unit`: linearly, or by a table of stages.
@@ -204,6 +240,10 @@ class RampBatch(BatchSchedule):
     >>> ramp(Progress(samples=99)), ramp(Progress(samples=100))
     (16, 64)
     """
+
+    @classmethod
+    def from_config(cls, cfg: BatchConfig, *, seed: int, multiple: int, dataset_size: int | None) -> BatchSchedule:
+        return cls(cfg.size, start=cfg.start, span=cfg.span, stages=cfg.stages, unit=cfg.unit, multiple=multiple)
 
     def __init__(
         self,
@@ -226,16 +266,20 @@ class RampBatch(BatchSchedule):
         if not self.stages and (start is None or span is None or span <= 0):
             raise UserError("batch.schedule = 'ramp': needs batch.start and batch.span > 0, or batch.stages")
 
-    def __call__(self, progress: Progress) -> int:
-        t = progress.value(self.unit)
+        # The same pieces as the LR schedules: a straight line, or constants joined at the stages.
         if self.stages:
-            for until, size in self.stages:
-                if t < until:
-                    return size
-            return _round(self.size, self.multiple)
-        assert self.start is not None and self.span is not None
-        frac = min(max(t / self.span, 0.0), 1.0)
-        return _round(self.start + (self.size - self.start) * frac, self.multiple)
+            sizes = [constant(size) for _, size in self.stages] + [constant(_round(size, multiple))]
+            self.curve = join(sizes, [until for until, _ in self.stages])
+        else:
+            assert start is not None and span is not None
+            self.curve = linear(start, size, span)
+
+    def __call__(self, progress: Progress) -> int:
+        return _round(self.curve(progress.value(self.unit)), self.multiple)
+
+    def largest(self) -> int:
+        ends = [size for _, size in self.stages] + [self.size] + ([self.start] if self.start is not None and not self.stages else [])
+        return max(_round(size, self.multiple) for size in ends)
 
 
 class AdaptiveBatch(BatchSchedule):
@@ -260,6 +304,14 @@ class AdaptiveBatch(BatchSchedule):
     >>> b(Progress(step=10))
     64
     """
+
+    @classmethod
+    def from_config(cls, cfg: BatchConfig, *, seed: int, multiple: int, dataset_size: int | None) -> BatchSchedule:
+        # A batch larger than the training set only repeats samples: the default max stops there.
+        hi = cfg.max
+        if hi is None and dataset_size is not None:
+            hi = max(min(64 * cfg.size, dataset_size), cfg.min or cfg.size)
+        return cls(cfg.size, min=cfg.min, max=hi, every=cfg.every, max_growth=cfg.max_growth, multiple=multiple)
 
     def __init__(
         self,
@@ -288,6 +340,9 @@ class AdaptiveBatch(BatchSchedule):
 
     def _clip(self, size: float) -> int:
         return min(max(_round(size, self.multiple), self.lo), self.hi)
+
+    def largest(self) -> int:
+        return self.hi
 
     def __call__(self, progress: Progress) -> int:
         return self.size
@@ -323,26 +378,13 @@ def build_batch_schedule(cfg: BatchConfig, *, seed: int, multiple: int, dataset_
     `dataset_size` (training samples) is needed by `full`; when known it also caps the default
     `max` of `adaptive`, since a batch larger than the training set only repeats samples.
 
+    >>> from regimen.strategy import BatchConfig
     >>> build_batch_schedule(BatchConfig(size=64), seed=0, multiple=8, dataset_size=None)(Progress())
     64
     """
     _check_multiple(multiple)
-    if cfg.schedule == "fixed":
-        return FixedBatch(cfg.size, multiple)
-    if cfg.schedule == "full":
-        if dataset_size is None:
-            raise UserError("batch.schedule = 'full': needs a training set of known size")
-        return FullBatch(dataset_size, multiple)
-    if cfg.schedule == "random":
-        return RandomBatch(seed=seed, min=cfg.min, max=cfg.max, choices=cfg.choices, probs=cfg.probs, multiple=multiple)
-    if cfg.schedule == "ramp":
-        return RampBatch(cfg.size, start=cfg.start, span=cfg.span, stages=cfg.stages, unit=cfg.unit, multiple=multiple)
-    if cfg.schedule == "adaptive":
-        hi = cfg.max
-        if hi is None and dataset_size is not None:
-            hi = max(min(64 * cfg.size, dataset_size), cfg.min or cfg.size)
-        return AdaptiveBatch(cfg.size, min=cfg.min, max=hi, every=cfg.every, max_growth=cfg.max_growth, multiple=multiple)
-    raise UserError(f"batch.schedule = {cfg.schedule!r}: allowed: fixed, full, random, ramp, adaptive")
+    schedule: type[BatchSchedule] = BATCH_SCHEDULES[cfg.schedule].load()
+    return schedule.from_config(cfg, seed=seed, multiple=multiple, dataset_size=dataset_size)
 
 
 def budget_reached(progress: Progress, budget_unit: Unit, amount: float) -> bool:

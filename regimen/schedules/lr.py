@@ -22,10 +22,13 @@ import bisect
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from regimen.errors import UserError
-from regimen.strategy import LRConfig
+from regimen.registry import LR_SCHEDULES
+
+if TYPE_CHECKING:
+    from regimen.strategy import LRConfig
 
 Schedule = Callable[[float], float]
 
@@ -96,7 +99,8 @@ def exponential(start: float, gamma: float, period: float) -> Schedule:
     >>> exponential(1.0, 0.5, 10)(20)
     0.25
     """
-    assert period > 0, "exponential needs a positive period"
+    if not period > 0:
+        raise ValueError(f"exponential needs a positive period, got {period}")
 
     def schedule(t: float) -> float:
         return start * gamma ** (max(t, 0.0) / period)
@@ -110,7 +114,8 @@ def step(start: float, gamma: float, period: float) -> Schedule:
     >>> step(1.0, 0.5, 10)(9), step(1.0, 0.5, 10)(10)
     (1.0, 0.5)
     """
-    assert period > 0, "step needs a positive period"
+    if not period > 0:
+        raise ValueError(f"step needs a positive period, got {period}")
 
     def schedule(t: float) -> float:
         return start * gamma ** math.floor(max(t, 0.0) / period)
@@ -153,7 +158,8 @@ def inverse_sqrt(peak: float, timescale: float) -> Schedule:
     >>> inverse_sqrt(1.0, 4)(2), inverse_sqrt(1.0, 4)(16)
     (1.0, 0.5)
     """
-    assert timescale > 0, "inverse_sqrt needs a positive timescale"
+    if not timescale > 0:
+        raise ValueError(f"inverse_sqrt needs a positive timescale, got {timescale}")
 
     def schedule(t: float) -> float:
         return peak * math.sqrt(timescale / max(t, timescale))
@@ -238,51 +244,84 @@ def build_lr_schedule(cfg: LRConfig, peak: float, total: float) -> Schedule:
       pct_start=p) counts LR values rather than the span, and equals this with
       `total = N - 1` and `warmup = p * N - 1`.
 
+    >>> from regimen.strategy import LRConfig
     >>> lr = build_lr_schedule(LRConfig(schedule="cosine", warmup=10, min_lr=0.1), peak=1.0, total=100)
     >>> lr(0), lr(5), lr(10), round(lr(55), 6), lr(100)
     (0.0, 0.5, 1.0, 0.55, 0.1)
     """
-    warmup = cfg.warmup
     if total <= 0:
         raise UserError(f"the training budget must be > 0 {cfg.unit}, got {total:g}")
-    if warmup >= total:
-        raise UserError(f"lr.warmup = {warmup:g}: must be shorter than the budget ({total:g} {cfg.unit})")
-    decay = total - warmup
-    name = cfg.schedule
+    if cfg.warmup >= total:
+        raise UserError(f"lr.warmup = {cfg.warmup:g}: must be shorter than the budget ({total:g} {cfg.unit})")
+    builder: Callable[[LRConfig, float, float], Schedule] = LR_SCHEDULES[cfg.schedule].load()
+    return builder(cfg, peak, total)
 
-    if name == "one_cycle":
-        return _one_cycle(cfg, peak, total)
-    if name == "inverse_sqrt":
-        if warmup == 0:
-            # A timescale of one unit: right for steps; in samples or tokens, give a warmup.
-            return inverse_sqrt(peak, 1.0)
-        # The decay piece is defined in absolute t (peak * sqrt(warmup / t)), so undo join's shift.
-        return join([linear(0.0, peak, warmup), _shifted(inverse_sqrt(peak, warmup), warmup)], [warmup])
-    if name == "wsd":
-        return _wsd(cfg, peak, total)
 
-    main: Schedule
-    if name == "constant":
-        main = constant(peak)
-    elif name == "linear":
-        main = linear(peak, cfg.min_lr, decay)
-    elif name == "polynomial":
-        main = polynomial(peak, cfg.min_lr, decay, cfg.power)
-    elif name == "cosine":
-        main = cosine(peak, cfg.min_lr, decay, cfg.power)
-    elif name == "exponential":
-        main = exponential(peak, cfg.gamma, cfg.period if cfg.period is not None else decay)
-    elif name == "step":
-        main = step(peak, cfg.gamma, cfg.period if cfg.period is not None else decay / 3.0)
-    elif name == "multistep":
-        early = [m for m in cfg.milestones if m <= warmup]
-        if early:
-            raise UserError(f"lr.milestones = {list(cfg.milestones)}: each must come after lr.warmup ({warmup:g} {cfg.unit})")
-        # Milestones are absolute progress; the piece after warmup sees t - warmup.
-        main = multistep(peak, cfg.gamma, [m - warmup for m in cfg.milestones])
-    else:
-        raise UserError(f"lr.schedule = {name!r}: unknown schedule")
-    return _with_warmup(main, peak, warmup)
+# The builders of the registry's schedules (regimen.registry.LR_SCHEDULES names them): each is a
+# composition of the pieces above; most are a decay piece after the common linear warmup.
+
+
+def lr_constant(cfg: LRConfig, peak: float, total: float) -> Schedule:
+    return _with_warmup(constant(peak), peak, cfg.warmup)
+
+
+def lr_linear(cfg: LRConfig, peak: float, total: float) -> Schedule:
+    return _with_warmup(linear(peak, cfg.min_lr, total - cfg.warmup), peak, cfg.warmup)
+
+
+def lr_polynomial(cfg: LRConfig, peak: float, total: float) -> Schedule:
+    return _with_warmup(polynomial(peak, cfg.min_lr, total - cfg.warmup, cfg.power), peak, cfg.warmup)
+
+
+def lr_cosine(cfg: LRConfig, peak: float, total: float) -> Schedule:
+    return _with_warmup(cosine(peak, cfg.min_lr, total - cfg.warmup, cfg.power), peak, cfg.warmup)
+
+
+def lr_exponential(cfg: LRConfig, peak: float, total: float) -> Schedule:
+    period = cfg.period if cfg.period is not None else total - cfg.warmup
+    return _with_warmup(exponential(peak, cfg.gamma, period), peak, cfg.warmup)
+
+
+def lr_step(cfg: LRConfig, peak: float, total: float) -> Schedule:
+    period = cfg.period if cfg.period is not None else (total - cfg.warmup) / 3.0
+    return _with_warmup(step(peak, cfg.gamma, period), peak, cfg.warmup)
+
+
+def lr_multistep(cfg: LRConfig, peak: float, total: float) -> Schedule:
+    warmup = cfg.warmup
+    if any(m <= warmup for m in cfg.milestones):
+        raise UserError(f"lr.milestones = {list(cfg.milestones)}: each must come after lr.warmup ({warmup:g} {cfg.unit})")
+    # Milestones are absolute progress; the piece after warmup sees t - warmup.
+    return _with_warmup(multistep(peak, cfg.gamma, [m - warmup for m in cfg.milestones]), peak, warmup)
+
+
+def lr_inverse_sqrt(cfg: LRConfig, peak: float, total: float) -> Schedule:
+    if cfg.warmup == 0:
+        # A timescale of one unit: right for steps; in samples or tokens, give a warmup.
+        return inverse_sqrt(peak, 1.0)
+    # The decay piece is defined in absolute t (peak * sqrt(warmup / t)), so undo join's shift.
+    return join([linear(0.0, peak, cfg.warmup), _shifted(inverse_sqrt(peak, cfg.warmup), cfg.warmup)], [cfg.warmup])
+
+
+def lr_wsd(cfg: LRConfig, peak: float, total: float) -> Schedule:
+    cooldown = cfg.decay_fraction * total
+    decay_start = total - cooldown
+    if decay_start < cfg.warmup:
+        raise UserError(
+            f"lr.decay_fraction = {cfg.decay_fraction:g}: the decay ({cooldown:g} {cfg.unit}) "
+            f"overlaps the warmup ({cfg.warmup:g} of {total:g} {cfg.unit})"
+        )
+    shapes: dict[str, Callable[[float, float, float], Schedule]] = {"linear": linear, "cosine": cosine, "1-sqrt": one_minus_sqrt}
+    stable = join([constant(peak), shapes[cfg.decay_shape](peak, cfg.min_lr, cooldown)], [decay_start - cfg.warmup])
+    return _with_warmup(stable, peak, cfg.warmup)
+
+
+def lr_one_cycle(cfg: LRConfig, peak: float, total: float) -> Schedule:
+    rise = cfg.warmup if cfg.warmup > 0 else 0.3 * total
+    initial = peak / cfg.div_factor
+    final = initial / cfg.final_div_factor
+    # torch's anneal_strategy="cos" shapes both phases as half cosines, the rise included.
+    return join([cosine(initial, peak, rise), cosine(peak, final, total - rise)], [rise])
 
 
 def build_lr_multiplier(cfg: LRConfig, peak: float, total: float) -> Schedule:
@@ -291,6 +330,7 @@ def build_lr_multiplier(cfg: LRConfig, peak: float, total: float) -> Schedule:
     The trainer scales each parameter group's own peak by this multiplier, so groups with
     different peaks keep their ratio. `min_lr` stays absolute (its multiple is `min_lr / peak`).
 
+    >>> from regimen.strategy import LRConfig
     >>> lr = build_lr_multiplier(LRConfig(schedule="cosine", min_lr=0.01), peak=0.1, total=100)
     >>> lr(0), round(lr(50), 6), round(lr(100), 6)
     (1.0, 0.55, 0.1)
@@ -302,32 +342,6 @@ def _with_warmup(main: Schedule, peak: float, warmup: float) -> Schedule:
     if warmup <= 0:
         return main
     return join([linear(0.0, peak, warmup), main], [warmup])
-
-
-def _wsd(cfg: LRConfig, peak: float, total: float) -> Schedule:
-    cooldown = cfg.decay_fraction * total
-    decay_start = total - cooldown
-    if decay_start < cfg.warmup:
-        raise UserError(
-            f"lr.decay_fraction = {cfg.decay_fraction:g}: the decay ({cooldown:g} {cfg.unit}) "
-            f"overlaps the warmup ({cfg.warmup:g} of {total:g} {cfg.unit})"
-        )
-    shapes: dict[str, Callable[[float, float, float], Schedule]] = {
-        "linear": linear,
-        "cosine": cosine,
-        "1-sqrt": one_minus_sqrt,
-    }
-    shape = shapes[cfg.decay_shape]
-    stable = join([constant(peak), shape(peak, cfg.min_lr, cooldown)], [decay_start - cfg.warmup])
-    return _with_warmup(stable, peak, cfg.warmup)
-
-
-def _one_cycle(cfg: LRConfig, peak: float, total: float) -> Schedule:
-    rise = cfg.warmup if cfg.warmup > 0 else 0.3 * total
-    initial = peak / cfg.div_factor
-    final = initial / cfg.final_div_factor
-    # torch's anneal_strategy="cos" shapes both phases as half cosines, the rise included.
-    return join([cosine(initial, peak, rise), cosine(peak, final, total - rise)], [rise])
 
 
 def lr_batch_scale(rule: Literal["none", "linear", "sqrt"], batch: int, reference: int) -> float:
