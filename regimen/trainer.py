@@ -52,6 +52,7 @@ from regimen.progress import Progress, Unit
 from regimen.schedules import budget_reached, build_batch_schedule, build_lr_schedule, lr_batch_scale, simulate_budget
 from regimen.strategy import Strategy
 from regimen.task import Task, build_task, mse
+from regimen.tokens import write_run_codec
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -324,10 +325,15 @@ class Trainer:
         if self.is_main and self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             s.save(self.run_dir / "strategy.toml")
+            write_run_codec(self.run_dir, self.data.tokens_dir, self.data.tokens_meta)  # issue 16: the run keeps its tokenizer
             writer = MetricsWriter(self.run_dir / "metrics.jsonl")
             writer.truncate_after(self.progress.step)  # a resumed run redoes what followed its checkpoint
             if s.observe.tensorboard:
                 tb = TensorBoardLogger(self.run_dir / "tensorboard")
+        # issue 16: text samples after each evaluation (to move onto the per-step hook).
+        from regimen.sample import TrainingSamples
+
+        samples = TrainingSamples.start(self)
         mode = s.observe.progress if self.is_main else "none"
         display = ProgressDisplay(self.budget, self.budget_unit, mode, initial=self.progress.value(self.budget_unit))
         history: list[dict[str, Any]] = []
@@ -359,6 +365,8 @@ class Trainer:
                 self.window, last_log_time, last_log_tokens = [], now, self.progress.tokens
                 if evaluate:
                     row.update(self.evaluate())
+                    if samples is not None:  # issue 16: a sample right after the evaluation (its time counts as eval time)
+                        samples(self, display)
                     last_log_time = time.perf_counter()  # evaluation time is not training throughput
                     self.eval_time += last_log_time - now
                     row["eval_time"] = round(self.eval_time, 4)
@@ -483,6 +491,7 @@ class Trainer:
             **{k: v for k, v in last.items() if k.startswith("val_") and k != "val_loss"},
             "unigram_entropy": self.data.unigram_entropy,
             "loss_unit": self._loss_unit(),
+            **self.data.loss_per_byte(last.get("loss"), vals),  # issue 16: nats per byte of text beside nats per token
             "wall_time": self.elapsed,
             "tokens_per_s": self.progress.tokens / max(self.elapsed, 1e-9),
             "peak_memory_mb": last.get("peak_memory_mb"),
