@@ -123,8 +123,11 @@ def _kind_of(path: Path) -> Kind:
     return {".jsonl": "jsonl", ".parquet": "parquet"}.get(path.suffix.lower(), "text")  # type: ignore[return-value]
 
 
-def find_inputs(sources: Sequence[str | Path]) -> list[Input]:
-    """Every input the sources name, in order (a directory's entries sorted by name)."""
+def find_inputs(sources: Sequence[str | Path], exclude: Path | None = None) -> list[Input]:
+    """Every input the sources name, in order (a directory's entries sorted by name).
+
+    `exclude` (the output directory, when it sits inside a source) is never read.
+    """
     if not sources:
         raise UserError("prepare: give at least one SOURCE (a text, .jsonl or .parquet file, or a directory)")
     inputs: list[Input] = []
@@ -135,22 +138,22 @@ def find_inputs(sources: Sequence[str | Path]) -> list[Input]:
         if path.is_file():
             inputs.append(Input(path.resolve(), _kind_of(path)))
             continue
-        found = list(_walk(path.resolve()))
+        found = list(_walk(path.resolve(), exclude))
         if not found:
             raise UserError(f"prepare: source {str(source)!r} is a directory with no files")
         inputs += found
     return inputs
 
 
-def _walk(directory: Path) -> Iterator[Input]:
+def _walk(directory: Path, exclude: Path | None) -> Iterator[Input]:
     if _is_saved_dataset(directory):
         yield Input(directory, "dataset")
         return
     for entry in sorted(directory.iterdir(), key=lambda p: p.name):
-        if entry.name.startswith("."):
+        if entry.name.startswith(".") or entry == exclude:
             continue
         if entry.is_dir():
-            yield from _walk(entry)
+            yield from _walk(entry, exclude)
         elif entry.is_file():
             yield Input(entry, _kind_of(entry))
 
@@ -726,8 +729,11 @@ def prepare(
     spec = TokenizerSpec.parse(tokenizer)
     out = Path(out).expanduser().absolute()
     previous = _check_out(out)
-    inputs = find_inputs(sources)
-    sources_fp = fingerprint(inputs, previous.get("sources", []) if previous else [])
+    try:
+        inputs = find_inputs(sources, exclude=out.resolve())
+        sources_fp = fingerprint(inputs, previous.get("sources", []) if previous else [])
+    except OSError as e:
+        raise UserError(f"prepare: cannot read {e.filename or 'a source'} ({e.strerror or e})") from None
     identity = {"version": VERSION, "tokenizer": spec.identity(), "field": field, "val_fraction": val_fraction, "piece_bytes": piece_bytes}
     if previous is not None and _up_to_date(out, previous, identity, sources_fp):
         log(f"{out} is up to date ({len(sources_fp)} source file(s) and the options unchanged); nothing to do")
@@ -778,6 +784,10 @@ def prepare(
         }
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")  # last: it is what makes the directory readable
         _publish(tmp, out)
+    except OSError as e:  # an unreadable source, a full disk: one line, and DIR as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = "it was left as it was" if out.exists() else "nothing was written"
+        raise UserError(f"prepare: {e.strerror or e} ({e.filename or out}); {out} {kept}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

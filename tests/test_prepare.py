@@ -416,3 +416,51 @@ def test_regimen_imports_none_of_the_data_extras(cli) -> None:
     code = f"import sys, regimen.cli, regimen.prepare, regimen.tokens; print(sorted(m for m in {extras} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_run_keeps_its_tokenizer_and_refuses_another(tmp_path: Path, bpe_dir: Path, wide_tokens: tuple[Path, list[int]]) -> None:
+    from regimen.tokens import write_run_codec
+
+    run = tmp_path / "run"
+    run.mkdir()
+    meta = read_meta(bpe_dir, "x")
+    write_run_codec(run, bpe_dir, meta)
+    write_run_codec(run, bpe_dir, meta)  # a resume with the same tokenizer
+    assert (run / "tokenizer.json").read_text() == (bpe_dir / "tokenizer.json").read_text()
+    with pytest.raises(UserError, match="trained with another tokenizer"):
+        write_run_codec(run, wide_tokens[0], read_meta(wide_tokens[0], "x"))
+    assert (run / "tokenizer.json").read_text() == (bpe_dir / "tokenizer.json").read_text()
+
+
+def test_an_out_inside_a_source_is_not_read_back(tmp_path: Path) -> None:
+    texts = write_texts(tmp_path / "t", ["alpha\n", "beta\n"])
+    first = prepare([texts], texts / "tokens", "bytes", val_fraction=0, quiet=True)
+    assert len(first.meta["sources"]) == 2
+    assert prepare([texts], texts / "tokens", "bytes", val_fraction=0, quiet=True).up_to_date
+
+
+def test_os_errors_are_one_line_and_leave_out_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unreadable source, a full disk: one UserError line; the previous output is untouched."""
+    import regimen.prepare as prep
+
+    texts = write_texts(tmp_path / "t", ["alpha\n"])
+    out = prepare([texts], tmp_path / "out", "bytes", val_fraction=0, quiet=True).out
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (texts / "doc00.txt").write_text("changed\n")
+
+    def unreadable(f, digest):  # what open() or read() raises on a file without read permission
+        raise PermissionError(13, "Permission denied", str(texts / "doc00.txt"))
+
+    with monkeypatch.context() as m:
+        m.setattr(prep.hashlib, "file_digest", unreadable)
+        with pytest.raises(UserError, match=r"cannot read .*doc00.txt \(Permission denied\)"):
+            prepare([texts], out, "bytes", val_fraction=0, quiet=True)
+
+    def disk_full(self, ids):
+        raise OSError(28, "No space left on device", str(out))
+
+    monkeypatch.setattr(prep.SplitWriter, "write", disk_full)
+    with pytest.raises(UserError, match=r"No space left on device .* it was left as it was"):
+        prepare([texts], out, "bytes", val_fraction=0, quiet=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "t"]
