@@ -62,6 +62,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -585,7 +586,11 @@ def encode_all(
 
     def drain() -> None:
         split, result, size = pending.popleft()
-        writers[split].write(result.result() if isinstance(result, Future) else result)
+        try:
+            ids = result.result() if isinstance(result, Future) else result
+        except BrokenProcessPool:
+            raise UserError(f"prepare: an encoding process died (out of memory?); try fewer --jobs than {jobs}") from None
+        writers[split].write(ids)
         progress(size)
 
     batches: dict[str, tuple[list[bytes], list[bool]]] = {"train": ([], []), "val": ([], [])}

@@ -205,3 +205,15 @@ def test_sample_refuses_weights_of_another_shape(byte_run: Path, tmp_path: Path)
     (run / "strategy.toml").write_text((run / "strategy.toml").read_text().replace("d_model = 32", "d_model = 64"))
     with pytest.raises(UserError, match="does not fit the run's"):
         sample_run(run, "x", 5)
+
+
+def test_a_resumed_run_redoes_the_samples_past_its_checkpoint(byte_run: Path, tmp_path: Path, one_thread: None) -> None:
+    """Resumed from step 2 of 4: the samples file has each step once, the same as the uninterrupted run's."""
+    from regimen.runner import run_training
+    from regimen.strategy import Strategy
+
+    run = tmp_path / "run"
+    shutil.copytree(byte_run, run)
+    s = Strategy.load(run / "strategy.toml")
+    assert run_training(s, run, resume=str(run / "checkpoints" / "step-00000002"), quiet=True) == 0
+    assert read_samples(run) == read_samples(byte_run)
