@@ -39,6 +39,8 @@ SUITE = (
     "batch_strategies",
     "distributed",
     "checkpoint_io",
+    "prepare_speed",
+    "bpe_vs_bytes",
 )
 
 

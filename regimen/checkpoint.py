@@ -809,3 +809,32 @@ def _tied_aliases(model: nn.Module) -> set[str]:
         else:
             first[id(p)] = name
     return aliases
+
+
+def model_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint as plain CPU tensors, without a trainer (for `regimen sample`).
+
+    Read through the same safe reader and planner as a resume; DCP gathers every shard.
+    """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    if not is_complete(path):
+        raise UserError(
+            f"checkpoint {str(path)!r}: not a complete regimen checkpoint (expected {COMPLETE}, .metadata and train_state.json)"
+        )
+    reader = SafeFileSystemReader(str(path))
+    items = reader.read_metadata().state_dict_metadata.items()
+    model = {
+        key.removeprefix("model."): torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        for key, meta in items
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
+    if not model:
+        raise UserError(f"checkpoint {str(path)!r} holds no model weights")
+    try:
+        with _quiet_single_process():
+            dcp.load({"model": model}, storage_reader=reader, planner=_SafeLoadPlanner())
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        raise UserError(f"checkpoint {str(path)!r} could not be loaded ({_one_line(_root_causes(e)[0])})") from None
+    return model

@@ -1,4 +1,4 @@
-"""The command line: `regimen train / compare / lr-find / report`.
+"""The command line: `regimen train / compare / lr-find / report / prepare / sample`.
 
 Nothing here imports torch at module level, so `regimen --help` answers at once; each
 subcommand imports what it needs when it runs. A `UserError` anywhere becomes one line on
@@ -10,6 +10,8 @@ Example:
     $ regimen train --nproc 2 parallel.mode=fsdp      # torchrun, 2 processes
     $ regimen compare --vary optimizer.name=sgd,adam  # a grid of strategies, then report.html
     $ regimen lr-find optimizer.name=sgd              # an LR range test
+    $ regimen prepare texts/ --out tokens --tokenizer bpe:8192   # text -> tokens:DIR
+    $ regimen sample runs/gpt --prompt "def "         # text from a trained GPT
 """
 
 from __future__ import annotations
@@ -116,7 +118,46 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="where to write report.html (default: the run directory, or ./report)")
     report.add_argument("--target-loss", type=float, help="the loss for the time-to-target column")
+    _add_data_commands(sub)
     return parser
+
+
+def _add_data_commands(sub: Any) -> None:
+    """`prepare` (text -> tokens) and `sample` (a trained GPT -> text)."""
+    prepare = sub.add_parser(
+        "prepare",
+        help="turn text, jsonl, parquet or a saved dataset into tokens for data.source = tokens:DIR",
+        description=(
+            "Read text files and directories of them, .jsonl (a field), .parquet (a column) or a dataset saved with datasets' "
+            "save_to_disk; split them into train and validation by document (deterministic, by content); encode them with bytes, "
+            "a byte-level BPE trained on the training split, or a tokenizer.json, on every core; write train.bin, val.bin, "
+            "tokenizer.json and meta.json into DIR. A rerun with unchanged sources and options does nothing. See docs/data.md."
+        ),
+    )
+    prepare.add_argument("sources", nargs="+", metavar="SOURCE", help="a text, .jsonl or .parquet file, or a directory")
+    prepare.add_argument("--out", required=True, metavar="DIR", help="the tokens directory to write (new, or an earlier prepare output)")
+    prepare.add_argument(
+        "--tokenizer", default="bytes", metavar="bytes|bpe:VOCAB|PATH", help="bytes (default), bpe:VOCAB to train one, or a tokenizer.json"
+    )
+    prepare.add_argument("--field", default="text", help="the jsonl field / parquet or dataset column holding the text (default: text)")
+    prepare.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="share of the text for validation (default: 0.1)")
+    prepare.add_argument("--jobs", type=int, metavar="N", help="encoding processes (default: every usable core)")
+
+    sample = sub.add_parser(
+        "sample",
+        help="write text with a trained GPT",
+        description=(
+            "Generate text with the built-in GPT of a run directory, through the run's tokenizer, from model.safetensors "
+            "(else the newest checkpoint, or --checkpoint). The same --seed gives the same text."
+        ),
+    )
+    sample.add_argument("run_dir", metavar="RUN_DIR")
+    sample.add_argument("--prompt", default="", help="the text to continue (default: none, a new document)")
+    sample.add_argument("--tokens", type=int, default=200, metavar="N", help="tokens to generate (default: 200)")
+    sample.add_argument("--temperature", type=float, default=0.8, metavar="T", help="softmax temperature; 0 = most likely (default: 0.8)")
+    sample.add_argument("--top-k", type=int, default=200, metavar="K", help="sample among the K most likely tokens; 0 = all (default: 200)")
+    sample.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the sampling (default: 0)")
+    sample.add_argument("--checkpoint", metavar="PATH", help="a checkpoint directory (step-N) instead of model.safetensors")
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -131,6 +172,8 @@ COMMANDS = {
     "compare": "regimen.compare",
     "lr-find": "regimen.lr_find",
     "report": "regimen.report",
+    "prepare": "regimen.prepare",
+    "sample": "regimen.sample",
 }
 
 

@@ -6,8 +6,12 @@ Sources (the `[data] source` key):
   falls below `val_fraction`, so the split is by file and the same on every machine with the
   same Python.
 - `text:PATH`: a file's bytes; the last `val_fraction` of it is the validation set.
-- `tokens:PATH`: uint16 tokens in nanoGPT's `.bin` layout, memory-mapped: either one file (split
-  by position) or a directory holding `train.bin` and `val.bin`.
+- `tokens:PATH`: tokens in nanoGPT's `.bin` layout, memory-mapped: either one file of uint16
+  (split by position) or a directory holding `train.bin` and `val.bin`. A directory written by
+  `regimen prepare` has a `meta.json` that gives the dtype (uint16 or uint32), the vocabulary and
+  the bytes of text per token, so the summary reports the loss per byte too; without one
+  (nanoGPT's own `prepare.py`) the tokens are uint16 and the vocabulary is the largest id + 1.
+  A directory without `val.bin` trains without validation, with a warning.
 - `synthetic`: the seeded 10-class classification set of `synthetic_classification`.
 - from Python: tensors, a tuple of tensors, a mapping of tensors, or any map-style Dataset.
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import math
 import sysconfig
+import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +46,7 @@ from torch.utils.data import Dataset, default_collate
 from regimen.errors import UserError
 from regimen.registry import DATA_SOURCES
 from regimen.strategy import DataConfig
+from regimen.tokens import TextCodec, bytes_per_token, check_files, codec_of, read_meta
 
 # The synthetic set is the same whatever the training seed, so runs with different seeds
 # compare on the same data.
@@ -181,6 +187,30 @@ class TaskData:
     # that ignores context (language-model sources only).
     unigram_entropy: float | None = None
     description: str = ""
+    # Text sources: how ids map back to text (None: unknown, e.g. a tokens file without meta.json).
+    codec: TextCodec | None = None
+    # A `regimen prepare` directory: where it is, its meta.json, and bytes of text per token by split.
+    tokens_dir: Path | None = None
+    tokens_meta: dict[str, Any] | None = None
+    bytes_per_token: dict[str, float] | None = None
+
+    def loss_per_byte(self, final_loss: float | None, val_losses: Sequence[float]) -> dict[str, Any]:
+        """The summary's losses in nats per byte of text (nats/token / bytes per token), where known.
+
+        >>> d = TaskData(None, None, bytes_per_token={"train": 4.0, "val": 2.0})  # type: ignore[arg-type]
+        >>> {k: v for k, v in d.loss_per_byte(2.0, [3.0, 1.0]).items() if k != "bytes_per_token"}
+        {'final_loss_per_byte': 0.5, 'final_val_loss_per_byte': 0.5, 'best_val_loss_per_byte': 0.5}
+        """
+        per = self.bytes_per_token
+        if not per:
+            return {}
+        out: dict[str, Any] = {"bytes_per_token": per}
+        if final_loss is not None and "train" in per:
+            out["final_loss_per_byte"] = final_loss / per["train"]
+        if val_losses and "val" in per:
+            out["final_val_loss_per_byte"] = val_losses[-1] / per["val"]
+            out["best_val_loss_per_byte"] = min(val_losses) / per["val"]
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,13 +288,43 @@ def _check_length(source: str, n_tokens: int, context: int, what: str) -> None:
         raise UserError(f"data.source = {source!r}: the {what} has {n_tokens} tokens, fewer than model.context + 1 = {context + 1}")
 
 
-def _memmap_tokens(source: str, path: Path) -> np.ndarray:
+def _memmap_tokens(source: str, path: Path, dtype: str = "uint16") -> np.ndarray:
     size = path.stat().st_size
-    if size % 2:
-        raise UserError(f"data.source = {source!r}: {path.name} has {size} bytes, not a whole number of uint16 tokens")
+    itemsize = np.dtype(dtype).itemsize
+    if size % itemsize:
+        raise UserError(f"data.source = {source!r}: {path.name} has {size} bytes, not a whole number of {dtype} tokens")
     if size == 0:
         raise UserError(f"data.source = {source!r}: {path.name} is empty")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+@dataclass
+class TokensDir:
+    """The splits of a tokens directory, with what its meta.json says (if it has one)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    vocab: int
+    meta: dict[str, Any] | None = None
+    codec: TextCodec | None = None
+
+
+def read_tokens_dir(source: str, path: Path) -> TokensDir:
+    """train.bin and val.bin of a directory; dtype and vocabulary from meta.json when there is one."""
+    meta = read_meta(path, f"data.source = {source!r}")
+    if meta is not None:
+        check_files(path, meta, f"data.source = {source!r}")
+    elif not (path / "train.bin").exists():
+        raise UserError(f"data.source = {source!r}: the directory has no train.bin (make one with regimen prepare)")
+    dtype = meta["dtype"] if meta else "uint16"
+    train = _memmap_tokens(source, path / "train.bin", dtype)
+    val = _memmap_tokens(source, path / "val.bin", dtype) if (path / "val.bin").exists() else train[:0]
+    if not len(val):
+        warnings.warn(f"data.source = {source!r}: no val.bin, so the run has no validation", stacklevel=3)
+    if meta is None:
+        # The vocabulary must cover every token id; one pass over the file finds it.
+        return TokensDir(train, val, int(max(train.max(), val.max() if len(val) else 0)) + 1)
+    return TokensDir(train, val, int(meta["vocab_size"]), meta, codec_of(path, meta, f"data.source = {source!r}"))
 
 
 def load_source(cfg: DataConfig, context: int) -> TaskData:
@@ -296,7 +356,9 @@ def load_stdlib(cfg: DataConfig, context: int) -> TaskData:
     """`stdlib`: the standard library's `.py` files as bytes, split by file."""
     train, val, n_files = stdlib_corpus(cfg.val_fraction)
     desc = f"stdlib: {n_files} .py files of Python's standard library, {len(train) / 1e6:.1f}M train / {len(val) / 1e6:.1f}M val bytes"
-    return _token_data(cfg.source, train, val, context, 256, desc)
+    out = _token_data(cfg.source, train, val, context, 256, desc)
+    out.codec = TextCodec.bytes()
+    return out
 
 
 def load_text(cfg: DataConfig, context: int) -> TaskData:
@@ -308,31 +370,39 @@ def load_text(cfg: DataConfig, context: int) -> TaskData:
         )
     data = np.fromfile(path, dtype=np.uint8)
     cut = len(data) - int(len(data) * cfg.val_fraction)
-    return _token_data(cfg.source, data[:cut], data[cut:], context, 256, f"text: {path} ({len(data) / 1e6:.2f}M bytes)")
+    out = _token_data(cfg.source, data[:cut], data[cut:], context, 256, f"text: {path} ({len(data) / 1e6:.2f}M bytes)")
+    out.codec = TextCodec.bytes()
+    return out
 
 
 def load_tokens(cfg: DataConfig, context: int) -> TaskData:
-    """`tokens:PATH`: uint16 token ids, one `.bin` file (split by position) or a directory of train.bin / val.bin."""
+    """`tokens:PATH`: token ids, one uint16 `.bin` file (split by position) or a directory of train.bin / val.bin
+    (with `regimen prepare`'s meta.json: uint16 or uint32, the vocabulary, the tokenizer, bytes per token)."""
     path = _read_path(cfg.source)
+    tokens: TokensDir | None = None
     if path.is_dir():
-        if not (path / "train.bin").exists():
-            raise UserError(f"data.source = {cfg.source!r}: the directory has no train.bin")
-        train = _memmap_tokens(cfg.source, path / "train.bin")
-        val = _memmap_tokens(cfg.source, path / "val.bin") if (path / "val.bin").exists() else train[:0]
+        tokens = read_tokens_dir(cfg.source, path)
+        train, val, vocab = tokens.train, tokens.val, tokens.vocab
     else:
         data = _memmap_tokens(cfg.source, path)
         cut = len(data) - int(len(data) * cfg.val_fraction)
         train, val = data[:cut], data[cut:]
-    # The vocabulary must cover every token id; one pass over the file finds it.
-    vocab = int(max(train.max(), val.max() if len(val) else 0)) + 1
+        # The vocabulary must cover every token id; one pass over the file finds it.
+        vocab = int(max(train.max(), val.max() if len(val) else 0)) + 1
     desc = f"tokens: {path} ({len(train) / 1e6:.2f}M train / {len(val) / 1e6:.2f}M val tokens, vocab {vocab})"
-    return _token_data(cfg.source, train, val, context, vocab, desc)
+    out = _token_data(cfg.source, train, val, context, vocab, desc)
+    if tokens is not None and tokens.meta is not None:
+        out.codec, out.tokens_dir, out.tokens_meta = tokens.codec, path, tokens.meta
+        out.bytes_per_token = bytes_per_token(tokens.meta)
+    return out
 
 
 def _token_data(source: str, train: np.ndarray, val: np.ndarray, context: int, vocab: int, desc: str) -> TaskData:
     """Windows of `context + 1` tokens for training and validation (validation only when it holds one)."""
     _check_length(source, len(train), context, "training set")
     val_windows = TokenWindows(val, context) if len(val) >= context + 1 else None
+    if len(val) and val_windows is None:
+        warnings.warn(f"data.source = {source!r}: {len(val)} validation tokens, fewer than model.context + 1: no validation", stacklevel=3)
     entropy = unigram_entropy(train, 256) if vocab == 256 else None
     return TaskData(
         TokenWindows(train, context), val_windows, tokens_per_sample=context, vocab_size=vocab, unigram_entropy=entropy, description=desc

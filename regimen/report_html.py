@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from regimen.ranking import MISSING, Comparison, ranked_on, same_value, time_to_loss
+from regimen.rundir import read_samples
 
 if TYPE_CHECKING:
     from regimen.figures import FigureFile
@@ -446,6 +447,7 @@ def single_page(
         head,
         f"<section id='summary'><h2>Summary</h2><div class='cards'>{card_html}</div></section>",
         f"<section id='plots'><h2>Plots</h2>{_figures(figures)}</section>",
+        samples_section(read_samples(run.path)),  # what a language model wrote at each evaluation
         _strategy_section(run, base),
         _summary_extra(run),
         _footer([run]),
@@ -501,3 +503,36 @@ def _summary_extra(run: Run) -> str:
     )
     table = f"<div class='scroll'><table><tbody>{rows}</tbody></table></div>"
     return f"<section id='summary-extra'><h2>More from summary.json</h2>{table}</section>"
+
+
+def samples_section(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The samples of a run by step, as an HTML fragment for its report (every text escaped).
+
+    >>> print(samples_section([{"step": 5, "prompt": "a<b", "text": " & c"}]))  # doctest: +NORMALIZE_WHITESPACE
+    <section class="samples" id="samples">
+    <h2>Samples</h2>
+    <table>
+    <thead><tr><th>step</th><th>prompt (grey), then the model's text</th></tr></thead>
+    <tbody>
+    <tr><td>5</td><td><pre style="white-space: pre-wrap; margin: 0"><span style="color: #888">a&lt;b</span> &amp; c</pre></td></tr>
+    </tbody>
+    </table>
+    </section>
+    """
+    if not rows:
+        return ""
+    lines = [
+        '<section class="samples" id="samples">',
+        "<h2>Samples</h2>",
+        "<table>",
+        "<thead><tr><th>step</th><th>prompt (grey), then the model's text</th></tr></thead>",
+        "<tbody>",
+    ]
+    for row in sorted(rows, key=lambda r: int(r.get("step", 0))):
+        prompt, text = e(str(row.get("prompt", ""))), e(str(row.get("text", "")))
+        lines.append(
+            f'<tr><td>{int(row.get("step", 0))}</td><td><pre style="white-space: pre-wrap; margin: 0">'
+            f'<span style="color: #888">{prompt}</span>{text}</pre></td></tr>'
+        )
+    lines += ["</tbody>", "</table>", "</section>"]
+    return "\n".join(lines)

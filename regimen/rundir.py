@@ -44,7 +44,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from regimen.errors import UserError
 from regimen.strategy import flatten, read_toml
@@ -58,6 +58,7 @@ SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINTS_DIR = "checkpoints"
+SAMPLES_FILE = "samples.jsonl"  # text the model wrote at each evaluation (regimen.sample)
 
 # What regimen writes at the top of a run directory (besides figures, `*.png`). `--overwrite`
 # removes these and nothing else; a user's own file in a run directory survives it.
@@ -76,9 +77,9 @@ OWN_ENTRIES = frozenset(
         "tensorboard",
         "mlruns",
         "wandb",
-        "samples.jsonl",
+        SAMPLES_FILE,
         "tokenizer.json",
-        "meta.json",
+        "tokens_meta.json",
         "lr_find.png",
         "lr_find.json",
     }
@@ -153,7 +154,7 @@ class JsonlWriter:
         with contextlib.suppress(OSError):
             self.file.close()
 
-    def __enter__(self) -> JsonlWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -220,6 +221,11 @@ def resolve_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The rows in effect of a `metrics.jsonl` (`read_jsonl`, then `resolve_rows`): the one reader of run metrics."""
     return resolve_rows(read_jsonl(path))
+
+
+def read_samples(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The samples in effect of a run's samples.jsonl (none when it has none), resolved like its metrics."""
+    return read_metrics(Path(run_dir) / SAMPLES_FILE)
 
 
 def read_json(path: str | Path) -> dict[str, Any] | None:

@@ -21,6 +21,8 @@ from regimen import rundir
 from regimen.errors import UserError
 from regimen.strategy import Strategy, flatten, read_toml, safe_to_change, same_value
 
+LOSS_KEYS = ("final_loss", "final_val_loss", "best_val_loss")
+
 
 def format_summary(summary: dict[str, Any], run_dir: Path | None) -> str:
     """The one-screen summary printed at the end of a run."""
@@ -29,10 +31,15 @@ def format_summary(summary: dict[str, Any], run_dir: Path | None) -> str:
         f"regimen: finished {summary['steps']} steps, {summary['samples']:,} samples, {summary['tokens']:,} tokens "
         f"in {summary['wall_time']:.1f} s on {summary['world_size']} process{'es' if summary['world_size'] > 1 else ''}",
     ]
+    # Sources prepared with a tokenizer also report nats per byte of text: what compares across tokenizers.
+    per_byte = {k: f", {summary[k + '_per_byte']:.4f} nats/byte" if summary.get(k + "_per_byte") is not None else "" for k in LOSS_KEYS}
     if summary.get("final_loss") is not None:
-        lines.append(f"  train loss      {summary['final_loss']:.4f} {per}")
+        lines.append(f"  train loss      {summary['final_loss']:.4f} {per}{per_byte['final_loss']}")
     if summary.get("final_val_loss") is not None:
-        lines.append(f"  val loss        {summary['final_val_loss']:.4f} {per}  (best {summary['best_val_loss']:.4f})")
+        lines.append(
+            f"  val loss        {summary['final_val_loss']:.4f} {per}{per_byte['final_val_loss']}  "
+            f"(best {summary['best_val_loss']:.4f}{per_byte['best_val_loss']})"
+        )
     for key, value in summary.items():
         if key.startswith("val_") and key not in ("val_loss",) and isinstance(value, float):
             lines.append(f"  {key:<15} {value:.4f}")

@@ -441,9 +441,13 @@ class ObserveConfig:
     tensorboard: bool = False
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
     report: bool = True
+    # Tokens of text the built-in GPT writes after each evaluation, on text sources (0 = none).
+    samples: int = 64
 
     def validate(self) -> None:
         _in_range("observe", "noise_ema", self.noise_ema, 0.0, 1.0, lo_open=False, hi_open=True)
+        if self.samples < 0:
+            _fail("observe", "samples", self.samples, "must be >= 0 (0 = no samples)")
 
 
 SECTIONS: dict[str, type] = {

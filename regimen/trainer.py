@@ -52,6 +52,7 @@ from regimen.progress import Progress, Unit
 from regimen.schedules import Schedule, budget_reached, build_batch_schedule, build_lr_multiplier, lr_batch_scale, simulate_budget
 from regimen.strategy import Strategy
 from regimen.task import Task, build_task, loss_unit
+from regimen.tokens import write_run_codec
 
 Callback = Callable[[dict[str, Any]], None]
 # Validation samples per forward when no micro-batch is set: evaluation keeps no activations
@@ -432,6 +433,10 @@ class Trainer:
             writer, history = self._open_run_dir(self.run_dir)
             if s.observe.tensorboard:
                 tb = TensorBoardLogger(self.run_dir / "tensorboard")
+        # A language model on text writes a short sample after each evaluation (observe.samples).
+        from regimen.sample import TrainingSamples
+
+        samples = TrainingSamples.start(self)
         mode = s.observe.progress if self.is_main else "none"
         display = ProgressDisplay(self.budget, self.budget_unit, mode, initial=self.progress.value(self.budget_unit))
         last_log_time, last_log_tokens = time.perf_counter(), self.progress.tokens
@@ -464,6 +469,8 @@ class Trainer:
                 state.window, last_log_time, last_log_tokens = [], now, self.progress.tokens
                 if evaluate:
                     row.update(self.evaluate())
+                    if samples is not None:  # part of the evaluation: its time counts as eval time
+                        samples(self, display)
                     last_log_time = time.perf_counter()  # evaluation time is not training throughput
                     state.eval_time += last_log_time - now
                     row["eval_time"] = round(state.eval_time, 4)
@@ -484,6 +491,8 @@ class Trainer:
         state.elapsed = time.perf_counter() - t0
         display.close()
         summary = rundir.summarize(history, self._facts())
+        # Sources prepared with a tokenizer also report nats per byte of text (what compares across tokenizers).
+        summary.update(self.data.loss_per_byte(summary["final_loss"], [r["val_loss"] for r in history if r.get("val_loss") is not None]))
         if self.run_dir is not None:
             latest = self.checkpointer.latest()
             if latest is None or latest.name != f"step-{self.progress.step:08d}":  # a finished run resumed has its final one
@@ -516,6 +525,7 @@ class Trainer:
         step = self.progress.step
         if not (run_dir / rundir.STRATEGY_FILE).is_file():  # the strategy the run started with: never rewritten
             rundir.write_atomic(run_dir / rundir.STRATEGY_FILE, self.strategy.to_toml())
+        write_run_codec(run_dir, self.data.tokens_dir, self.data.tokens_meta)  # the run keeps its tokenizer (regimen sample)
         writer = rundir.MetricsWriter(run_dir / rundir.METRICS_FILE)
         if step > 0:
             writer.resume_from(step)  # the rows past the checkpoint are redone
