@@ -31,6 +31,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests import freezing_model
 from tests.conftest import ROOT, TINY_GPT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,6 +76,14 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _state(pid: int) -> str:
+    """The state letter of a process ("T": stopped), or "" when it is gone."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below `pid`, parents before children."""
     out, stack = [], [pid]
@@ -101,7 +110,7 @@ def _no_stray_jobs() -> Iterator[None]:
 class Job:
     """`python -m regimen train ...` with its output in a log file."""
 
-    def __init__(self, args: list[str], run_dir: Path, log: Path) -> None:
+    def __init__(self, args: list[str], run_dir: Path, log: Path, freeze: str | None = None) -> None:
         self.log = log
         self.run_dir = run_dir
         self.known: list[int] = []  # the job's processes, refreshed while waiting: a kill must be quick
@@ -110,7 +119,7 @@ class Job:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "regimen", "train", *args, "--run-dir", str(run_dir)],
                 cwd=ROOT,
-                env=ENV,
+                env={**ENV, freezing_model.ENV: freeze} if freeze else ENV,
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -133,21 +142,9 @@ class Job:
                 pytest.fail(f"timed out waiting for {what}:\n{self.text()[-3000:]}")
             time.sleep(0.002)
 
-    def logged_step(self, step: int) -> Callable[[], bool]:
-        pattern = re.compile(rf"^step\s+{step}\s+loss", re.MULTILINE)
-        return lambda: pattern.search(self.text()) is not None
-
-    def saving(self, step: int) -> Callable[[], bool]:
-        """True once the save of `step` has begun writing into its temporary directory."""
-        tmp = self.run_dir / "checkpoints" / f".tmp-step-{step:08d}"
-
-        def started() -> bool:
-            try:
-                return any(tmp.iterdir())
-            except OSError:
-                return False
-
-        return started
+    def stopped(self) -> bool:
+        """True once a process of the job stopped itself where `freeze` said (tests/freezing_model.py)."""
+        return any(_state(pid) == "T" for pid in [self.proc.pid, *self.known])
 
     def kill(self) -> None:
         """SIGKILL the whole job: no handler runs, no file is closed cleanly.
@@ -242,39 +239,45 @@ def uninterrupted(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Cal
     return get
 
 
+# The killed runs train the tiny GPT of `strategy_args`, weight for weight, with a model whose
+# process stops itself where the test kills it: at a step, or inside a save (SIGKILLs timed on
+# the log raced a fast machine, which could finish a save, or the run, before the kill landed).
+FREEZING = ["model.name=tests.freezing_model:factory", "model.kwargs={dropout = 0.1}"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_sigkilled_three_times_resumes_bit_exact(kind: str, corpus: Path, tmp_path: Path, uninterrupted: Callable[[str], Path]) -> None:
     """Killed between saves, during a save, and again later: same weights, same rows, no duplicates."""
     reference = uninterrupted(kind)
-    args = strategy_args(corpus, *KINDS[kind])
+    args = strategy_args(corpus, *FREEZING, *KINDS[kind])
     run = tmp_path / "run"
-
-    # 1. A fresh run, killed between saves (after the first checkpoint, at step 5).
-    job = Job(args, run, tmp_path / "log1.txt")
-    job.wait_until(job.logged_step(7), "step 7")
-    job.kill()
-    resume_at = latest_step(run)
-
-    # 2. Resumed, then killed while it writes the checkpoint of step 15.
-    job = Job([*args, "--resume", "auto"], run, tmp_path / "log2.txt")
-    job.wait_until(job.saving(15), "the save of step 15")
-    job.kill()
-    assert_resumed_from(job.text(), resume_at)
     checkpoints = run / "checkpoints"
-    # The kill landed mid-save: the partial save is there, never renamed into place.
-    assert (checkpoints / ".tmp-step-00000015").is_dir() and not (checkpoints / "step-00000015").exists()
-    resume_at = latest_step(run)
-    assert resume_at == 10
 
-    # 3. Resumed past the interrupted save (it must be skipped with a warning), killed again.
-    job = Job([*args, "--resume", "auto"], run, tmp_path / "log3.txt")
-    job.wait_until(job.logged_step(22), "step 22")
+    # 1. A fresh run, killed between saves: in step 7, after the checkpoint of step 5.
+    job = Job(args, run, tmp_path / "log1.txt", freeze="forward:7")
+    job.wait_until(job.stopped, "the stop in step 7")
+    job.kill()
+    assert latest_step(run) == 5
+
+    # 2. Resumed, then killed in the save of step 15: begun, not published.
+    job = Job([*args, "--resume", "auto"], run, tmp_path / "log2.txt", freeze=f"save:{checkpoints / '.tmp-step-00000015'}")
+    job.wait_until(job.stopped, "the stop in the save of step 15")
+    job.kill()
+    assert_resumed_from(job.text(), 5)
+    assert (checkpoints / ".tmp-step-00000015").is_dir() and not (checkpoints / "step-00000015").exists()
+    assert latest_step(run) == 10
+
+    # 3. Resumed past the interrupted save (it must be skipped with a warning), killed again in
+    #    step 22 (the 12th step of this process).
+    job = Job([*args, "--resume", "auto"], run, tmp_path / "log3.txt", freeze="forward:12")
+    job.wait_until(job.stopped, "the stop in step 22")
     job.kill()
     log = job.text()
     assert_resumed_from(log, 10)
     assert "skipping incomplete checkpoint" in log and ".tmp-step-00000015" in log
     resume_at = latest_step(run)
+    assert resume_at == 20
 
     # 4. Resumed to the end.
     log = train([*args, "--resume", "auto"], run, tmp_path / "log4.txt")
