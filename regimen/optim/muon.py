@@ -17,8 +17,9 @@ such CPUs).
 
 How "auto" decides on a CPU (`native_bf16`): by the instructions the CPU has, not by oneDNN's
 answer alone and not by timing. oneDNN calls bf16 "supported" on every AVX-512 CPU, where it
-emulates it (a bf16 matmul measured 2.9x slower than a float32 one on an AVX-512 Xeon without
-AVX512-BF16; 25x on AVX2, BENCHMARKS.md). bf16 is fast exactly where the CPU multiplies it: the
+emulates it (a bf16 matmul was measured 2.9x slower than a float32 one on an AVX-512 Xeon
+without AVX512-BF16, issue 11; on AVX2 torch's bf16 Muon step is 25x regimen's float32 one,
+BENCHMARKS.md). bf16 is fast exactly where the CPU multiplies it: the
 AVX512-BF16 dot product or AMX-BF16 tiles on x86, FEAT_BF16 (BFMMLA) on Arm. So "auto" picks
 bfloat16 when oneDNN (torch's bf16 matmul path on CPU) is present *and* the CPU reports one of
 those flags (torch's cpuinfo capabilities, else /proc/cpuinfo); anywhere the flags cannot be
