@@ -23,7 +23,8 @@ BENCHMARKS.md). bf16 is fast exactly where the CPU multiplies it: the
 AVX512-BF16 dot product or AMX-BF16 tiles on x86, FEAT_BF16 (BFMMLA) on Arm. So "auto" picks
 bfloat16 when oneDNN (torch's bf16 matmul path on CPU) is present *and* the CPU reports one of
 those flags (torch's cpuinfo capabilities, else /proc/cpuinfo); anywhere the flags cannot be
-read, float32: accurate, never the emulation penalty, at worst about 2x slower than native bf16.
+read, float32: accurate and never the emulation penalty (what it can give up is native bf16's
+speed-up, about 2x with AVX512-BF16 and more with AMX, on a machine whose flags are unreadable).
 A one-time measurement was rejected: on a shared or busy machine it is noise, and it would make
 a run's arithmetic depend on the load at start-up, so two ranks of one job, or a run and its
 resume, could pick different dtypes; the flags are a fixed property of the machine.
