@@ -10,14 +10,14 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from regimen import rundir
+from regimen import launch, rundir
 from regimen.errors import UserError
 from regimen.strategy import Strategy, flatten, read_toml, safe_to_change, same_value
 
@@ -212,13 +212,22 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite and "LOCAL_RANK" not in os.environ:
         raise UserError("--resume and --overwrite: choose one (continue the run, or replace it)")
     if args.max_restarts < 0:
-        raise UserError(f"--max-restarts = {args.max_restarts}: must be >= 0")
+        raise UserError(f"--max-restarts = {args.max_restarts}: must be >= 0 (the restarts torchrun may make after a failure)")
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc = {args.nproc}: must be >= 1")
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        _check_before_launch(strategy)
         prepare_run_dir(run_dir, args.resume, args.overwrite)
         return launch_torchrun(args, run_dir)
+    if launch.in_worker():
+        # One of torchrun's workers: a refused input goes to the launcher as one line, and the
+        # process ends without the interpreter's finalization (regimen.launch says why).
+        launch.end_worker(launch.exit_code_of(lambda: _train(args, strategy, run_dir)))
+    return _train(args, strategy, run_dir)
+
+
+def _train(args: argparse.Namespace, strategy: Strategy, run_dir: Path) -> int:
     # torchrun sets TORCHELASTIC_RESTART_COUNT=0 on the first attempt. A restart resumes into the
     # run directory (the launcher passed --resume auto for restarts), even when the first attempt
     # was told to --overwrite it.
@@ -230,16 +239,36 @@ def run(args: argparse.Namespace) -> int:
     return run_training(strategy, run_dir, resume=resume, overwrite=overwrite, allow_change=args.allow_change)
 
 
+def _check_before_launch(strategy: Strategy) -> None:
+    """Refuse, before torchrun starts N processes that would each refuse it, what costs nothing to check.
+
+    The strategy was validated when it was read; here the data path must exist and a
+    `module:factory` model's module must be found (without importing it or torch). A failed
+    check is reported by the loader that owns it, in its own words.
+    """
+    resolved = strategy.resolve()
+    kind, _, where = resolved.data.source.partition(":")
+    if kind in ("text", "tokens") and not Path(where).expanduser().exists():
+        from regimen.data import load_source
+
+        load_source(resolved.data, resolved.model.context)  # raises: the path does not exist
+    module, _, factory = resolved.model.name.partition(":")
+    if factory:
+        try:
+            missing = importlib.util.find_spec(module) is None
+        except ImportError:  # a parent package is missing
+            missing = True
+        except ValueError:  # not a module name at all: left to the workers' own check
+            missing = False
+        if missing:
+            from regimen.models import build_model
+
+            build_model(resolved.model)  # raises: the module cannot be imported
+
+
 def launch_torchrun(args: argparse.Namespace, run_dir: Path) -> int:
-    """Start `torchrun --standalone --nproc-per-node N -m regimen train ...` and wait for it."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={args.nproc}",
-        f"--max-restarts={args.max_restarts}",
-    ]
+    """Run `torchrun --standalone --nproc-per-node N -m regimen train ...` and wait for it (`regimen.launch.torchrun`)."""
+    cmd = ["--standalone", f"--nproc-per-node={args.nproc}", f"--max-restarts={args.max_restarts}"]
     cmd += ["-m", "regimen", "train", *([args.config] if args.config else []), *args.overrides, "--run-dir", str(run_dir)]
     cmd += ["--overwrite"] if args.overwrite else []
     cmd += ["--allow-change"] if args.allow_change else []
@@ -247,4 +276,4 @@ def launch_torchrun(args: argparse.Namespace, run_dir: Path) -> int:
         cmd += ["--resume", args.resume]
     elif args.max_restarts:
         cmd += ["--resume", "auto"]  # restarted workers continue from the last checkpoint
-    return subprocess.call(cmd)
+    return launch.torchrun(cmd)

@@ -86,6 +86,18 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def float64_one_thread() -> Iterator[None]:
+    """float64 as torch's default dtype and one thread, for one test: equal arithmetic gives equal
+    numbers, and tolerances are float64's; restored afterwards, so other tests see torch's defaults."""
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+
+
 def write_corpus(path: Path) -> Path:
     """200 kB of real Python source: loads in milliseconds, unlike the whole standard library."""
     import sysconfig

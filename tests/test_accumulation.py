@@ -9,7 +9,6 @@ wrong micro-batch weight shows at once) and Adam (whose state carries any error 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,15 +27,7 @@ SEED = 3
 LR = {"sgd": 0.1, "adam": 0.01}
 
 
-@pytest.fixture(autouse=True)
-def _float64_one_thread() -> Iterator[None]:
-    # float64 only inside these tests: other test files must see torch's default again.
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:

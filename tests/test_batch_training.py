@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
@@ -40,15 +39,7 @@ FEATURES = 8
 SIGMA = 1.0
 
 
-@pytest.fixture(autouse=True)
-def _float64_one_thread() -> Iterator[None]:
-    # float64 only inside these tests: other test files must see torch's default again.
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 def _regression(n: int = N_SAMPLES) -> tuple[torch.Tensor, torch.Tensor]:

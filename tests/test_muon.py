@@ -1,8 +1,10 @@
-"""regimen's Muon: torch's Muon bit for bit in bfloat16, the closed-form update in float32."""
+"""regimen's Muon: torch's Muon bit for bit in bfloat16, the closed-form update in float32 (with
+and without Nesterov), and the rule by which `ns_dtype = "auto"` picks the dtype on a machine."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -59,21 +61,46 @@ def _reference_ns(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return x.T if tall else x
 
 
-def test_float32_matches_the_formula_in_float64() -> None:
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_float32_matches_the_formula_in_float64(nesterov: bool) -> None:
     lr, wd, mu = 0.01, 0.1, 0.95
     params = _params()
-    got = _run(Muon(params, lr=lr, weight_decay=wd, momentum=mu, adjust_lr_fn="original", ns_dtype="float32"), params)
+    opt = Muon(params, lr=lr, weight_decay=wd, momentum=mu, nesterov=nesterov, adjust_lr_fn="original", ns_dtype="float32")
+    got = _run(opt, params)
     want = [p.detach().double() for p in _params()]
     bufs = [torch.zeros_like(w) for w in want]
     for step in range(4):
         for i, g in enumerate(_grads(step)):
             g = g.double()
             bufs[i] = mu * bufs[i] + (1 - mu) * g
-            direction = (1 - mu) * g + mu * bufs[i]  # Nesterov: lerp(g, buf, mu)
+            direction = (1 - mu) * g + mu * bufs[i] if nesterov else bufs[i]  # Nesterov: lerp(g, buf, mu)
             rows, cols = want[i].shape
             want[i] = want[i] * (1 - lr * wd) - lr * max(1.0, rows / cols) ** 0.5 * _reference_ns(direction)
     for x, y in zip(got, want, strict=True):
         torch.testing.assert_close(x.double(), y, rtol=1e-5, atol=1e-5)
+    # The momentum is the plain average of the gradients: the iteration must not rescale it.
+    for p, buf in zip(params, bufs, strict=True):
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"].double(), buf, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("ns_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_momentum_buffer_after_one_step_is_the_closed_form(nesterov: bool, ns_dtype: str) -> None:
+    # m = lerp(0, g, 1 - mu) = (1 - mu) g: 0.05 for g = 1 and mu = 0.95, whatever the iteration does
+    # with it afterwards (it once divided the buffer by its own norm in place: 1/sqrt(12) = 0.2887).
+    w = torch.nn.Parameter(torch.zeros(3, 4))
+    opt = Muon([w], lr=0.01, momentum=0.95, nesterov=nesterov, ns_dtype=ns_dtype)
+    w.grad = torch.ones(3, 4)
+    opt.step()
+    assert torch.equal(opt.state[w]["momentum_buffer"], torch.full((3, 4), 0.05))
+
+
+def test_newton_schulz_leaves_its_input_alone() -> None:
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.randn(6, 4, dtype=dtype)
+        before = g.clone()
+        newton_schulz(g, COEFFICIENTS, 5, 1e-7, dtype)
+        assert torch.equal(g, before), dtype
 
 
 def test_float32_orthogonalises_better_than_bfloat16() -> None:
@@ -93,6 +120,63 @@ def test_auto_uses_bfloat16_only_where_the_hardware_has_it(monkeypatch: pytest.M
     params = _params()
     _run(Muon(params, lr=0.01), params, steps=1)
     assert seen == [dtype] * len(SHAPES)
+
+
+# ---- how "auto" decides: CPU flags and oneDNN (mocked), GPU compute capability ---------------------
+
+# Flags as Linux reports them (abridged to what matters), for the CPUs a run may land on.
+CPUS = {
+    "sapphire-rapids": ("avx2 avx512f avx512bw avx512vl avx512_bf16 amx_bf16 amx_tile", True),
+    "cooper-lake": ("avx2 avx512f avx512bw avx512vl avx512_bf16", True),
+    "zen4": ("avx2 avx512f avx512bw avx512vl avx512_bf16", True),
+    "ice-lake": ("avx2 avx512f avx512bw avx512vl avx512_vnni", False),  # oneDNN says "supported": emulated
+    "skylake-x": ("avx2 avx512f avx512bw avx512vl", False),
+    "zen3": ("avx2 fma", False),
+    "graviton3": ("fp asimd sve bf16 i8mm", True),
+    "graviton2": ("fp asimd", False),
+}
+
+
+@pytest.mark.parametrize("cpu", list(CPUS))
+def test_auto_picks_bfloat16_only_on_cpus_that_multiply_it(cpu: str) -> None:
+    flags, native = CPUS[cpu]
+    assert muon_module.cpu_bf16_is_native(frozenset(flags.split()), onednn=True) is native
+    # Without oneDNN torch's fallback kernels emulate bf16 even on a capable CPU.
+    assert muon_module.cpu_bf16_is_native(frozenset(flags.split()), onednn=False) is False
+
+
+def test_cpu_flags_are_read_from_proc_cpuinfo_on_x86_and_arm() -> None:
+    x86 = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 avx512f avx512_bf16\nbugs\t\t: spectre_v1\n"
+    arm = "processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd bf16 i8mm\nCPU part\t: 0xd40\n"
+    assert muon_module.parse_cpuinfo_flags(x86) == {"fpu", "avx2", "avx512f", "avx512_bf16"}
+    assert muon_module.parse_cpuinfo_flags(arm) == {"fp", "asimd", "bf16", "i8mm"}
+    assert muon_module.parse_cpuinfo_flags("") == frozenset()  # unknown: "auto" then uses float32
+
+
+@pytest.fixture
+def fresh_native_bf16() -> Iterator[None]:
+    muon_module.native_bf16.cache_clear()  # the answer is cached per process: start and end clean
+    yield
+    muon_module.native_bf16.cache_clear()
+
+
+@pytest.mark.usefixtures("fresh_native_bf16")
+@pytest.mark.parametrize(("flags", "onednn", "native"), [("avx512f avx512_bf16", True, True), ("avx512f", True, False), ("", False, False)])
+def test_native_bf16_on_cpu_asks_the_flags_and_onednn_once(monkeypatch: pytest.MonkeyPatch, flags: str, onednn: bool, native: bool) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(muon_module, "cpu_flags", lambda: calls.append("flags") or frozenset(flags.split()))
+    monkeypatch.setattr(muon_module, "onednn_bf16", lambda: onednn)
+    assert muon_module.native_bf16(torch.device("cpu")) is native
+    assert muon_module.native_bf16(torch.device("cpu")) is native
+    assert calls == ["flags"]  # cached: /proc/cpuinfo is not read at every step
+
+
+@pytest.mark.usefixtures("fresh_native_bf16")
+@pytest.mark.parametrize(("capability", "native"), [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_native_bf16_on_cuda_from_ampere_on(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], native: bool) -> None:
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert muon_module.native_bf16(torch.device("cuda", 0)) is native
 
 
 def test_state_is_torch_muons_so_checkpoints_load_either_way() -> None:

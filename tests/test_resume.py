@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from regimen.rundir import read_metrics
+from tests import freezing_model
 from tests.conftest import ROOT, TINY_GPT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,6 +76,14 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _state(pid: int) -> str:
+    """The state letter of a process ("T": stopped), or "" when it is gone."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below `pid`, parents before children."""
     out, stack = [], [pid]
@@ -101,7 +110,7 @@ def _no_stray_jobs() -> Iterator[None]:
 class Job:
     """`python -m regimen train ...` with its output in a log file."""
 
-    def __init__(self, args: list[str], run_dir: Path, log: Path) -> None:
+    def __init__(self, args: list[str], run_dir: Path, log: Path, freeze: str | None = None) -> None:
         self.log = log
         self.run_dir = run_dir
         self.known: list[int] = []  # the job's processes, refreshed while waiting: a kill must be quick
@@ -110,7 +119,7 @@ class Job:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "regimen", "train", *args, "--run-dir", str(run_dir)],
                 cwd=ROOT,
-                env=ENV,
+                env={**ENV, freezing_model.ENV: freeze} if freeze else ENV,
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -133,21 +142,9 @@ class Job:
                 pytest.fail(f"timed out waiting for {what}:\n{self.text()[-3000:]}")
             time.sleep(0.002)
 
-    def logged_step(self, step: int) -> Callable[[], bool]:
-        pattern = re.compile(rf"^step\s+{step}\s+loss", re.MULTILINE)
-        return lambda: pattern.search(self.text()) is not None
-
-    def saving(self, step: int) -> Callable[[], bool]:
-        """True once the save of `step` has begun writing into its temporary directory."""
-        tmp = self.run_dir / "checkpoints" / f".tmp-step-{step:08d}"
-
-        def started() -> bool:
-            try:
-                return any(tmp.iterdir())
-            except OSError:
-                return False
-
-        return started
+    def stopped(self) -> bool:
+        """True once a process of the job stopped itself where `freeze` said (tests/freezing_model.py)."""
+        return any(_state(pid) == "T" for pid in [self.proc.pid, *self.known])
 
     def kill(self) -> None:
         """SIGKILL the whole job: no handler runs, no file is closed cleanly.
@@ -242,39 +239,45 @@ def uninterrupted(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Cal
     return get
 
 
+# The killed runs train the tiny GPT of `strategy_args`, weight for weight, with a model whose
+# process stops itself where the test kills it: at a step, or inside a save (SIGKILLs timed on
+# the log raced a fast machine, which could finish a save, or the run, before the kill landed).
+FREEZING = ["model.name=tests.freezing_model:factory", "model.kwargs={dropout = 0.1}"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_sigkilled_three_times_resumes_bit_exact(kind: str, corpus: Path, tmp_path: Path, uninterrupted: Callable[[str], Path]) -> None:
     """Killed between saves, during a save, and again later: same weights, same rows, no duplicates."""
     reference = uninterrupted(kind)
-    args = strategy_args(corpus, *KINDS[kind])
+    args = strategy_args(corpus, *FREEZING, *KINDS[kind])
     run = tmp_path / "run"
-
-    # 1. A fresh run, killed between saves (after the first checkpoint, at step 5).
-    job = Job(args, run, tmp_path / "log1.txt")
-    job.wait_until(job.logged_step(7), "step 7")
-    job.kill()
-    resume_at = latest_step(run)
-
-    # 2. Resumed, then killed while it writes the checkpoint of step 15.
-    job = Job([*args, "--resume", "auto"], run, tmp_path / "log2.txt")
-    job.wait_until(job.saving(15), "the save of step 15")
-    job.kill()
-    assert_resumed_from(job.text(), resume_at)
     checkpoints = run / "checkpoints"
-    # The kill landed mid-save: the partial save is there, never renamed into place.
-    assert (checkpoints / ".tmp-step-00000015").is_dir() and not (checkpoints / "step-00000015").exists()
-    resume_at = latest_step(run)
-    assert resume_at == 10
 
-    # 3. Resumed past the interrupted save (it must be skipped with a warning), killed again.
-    job = Job([*args, "--resume", "auto"], run, tmp_path / "log3.txt")
-    job.wait_until(job.logged_step(22), "step 22")
+    # 1. A fresh run, killed between saves: in step 7, after the checkpoint of step 5.
+    job = Job(args, run, tmp_path / "log1.txt", freeze="forward:7")
+    job.wait_until(job.stopped, "the stop in step 7")
+    job.kill()
+    assert latest_step(run) == 5
+
+    # 2. Resumed, then killed in the save of step 15: begun, not published.
+    job = Job([*args, "--resume", "auto"], run, tmp_path / "log2.txt", freeze=f"save:{checkpoints / '.tmp-step-00000015'}")
+    job.wait_until(job.stopped, "the stop in the save of step 15")
+    job.kill()
+    assert_resumed_from(job.text(), 5)
+    assert (checkpoints / ".tmp-step-00000015").is_dir() and not (checkpoints / "step-00000015").exists()
+    assert latest_step(run) == 10
+
+    # 3. Resumed past the interrupted save (it must be skipped with a warning), killed again in
+    #    step 22 (the 12th step of this process).
+    job = Job([*args, "--resume", "auto"], run, tmp_path / "log3.txt", freeze="forward:12")
+    job.wait_until(job.stopped, "the stop in step 22")
     job.kill()
     log = job.text()
     assert_resumed_from(log, 10)
     assert "skipping incomplete checkpoint" in log and ".tmp-step-00000015" in log
     resume_at = latest_step(run)
+    assert resume_at == 20
 
     # 4. Resumed to the end.
     log = train([*args, "--resume", "auto"], run, tmp_path / "log4.txt")
@@ -294,8 +297,11 @@ def test_sigkilled_three_times_resumes_bit_exact(kind: str, corpus: Path, tmp_pa
 @pytest.mark.slow
 def test_fsdp_checkpoint_resumes_on_one_process(corpus: Path, tmp_path: Path) -> None:
     """DCP reshards the 2 ranks' shards onto 1 process; the losses follow the 2-process run."""
-    # No dropout: with 2 ranks, half of each batch used rank 1's RNG, which 1 process lacks.
-    args = [*strategy_args(corpus, steps=20), "model.dropout=0.0", "checkpoint.every=10", "checkpoint.keep=5", "parallel.mode=fsdp"]
+    # No dropout: with 2 ranks, half of each batch used rank 1's RNG, which 1 process lacks. Muon's
+    # iteration in float32: the 1e-5 below is float32's arithmetic, not bf16's (which `auto`
+    # picks on CPUs with bf16 instructions, and whose sums FSDP2's sharding reorders).
+    args = [*strategy_args(corpus, steps=20), "model.dropout=0.0", "optimizer.ns_dtype=float32"]
+    args += ["checkpoint.every=10", "checkpoint.keep=5", "parallel.mode=fsdp"]
     two = tmp_path / "two"
     train([*args, "--nproc", "2"], two, tmp_path / "two.txt")
     shards = sorted(p.name for p in (two / "checkpoints" / "step-00000010").glob("*.distcp"))
@@ -315,40 +321,23 @@ def test_fsdp_checkpoint_resumes_on_one_process(corpus: Path, tmp_path: Path) ->
 
 # ---- elastic: a worker dies, torchrun restarts the group, the run ends where it would have ----
 
-
-def _worker_of_rank(root: int, rank: int) -> int | None:
-    """The pid of torchrun's worker with RANK=`rank` among the descendants of `root`."""
-    stack = [root]
-    while stack:
-        pid = stack.pop()
-        for child in _children(pid):
-            try:
-                env = (Path("/proc") / str(child) / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b" ".join(env):
-                return child
-            stack.append(child)
-    return None
+# Rank 1 SIGKILLs itself in the forward of step 13 of torchrun's first attempt: after the
+# checkpoint of step 10, before that of step 15, on any speed of machine (a kill from outside,
+# timed on the log, could land after the run had ended on a fast one). The model is the tiny
+# GPT of `strategy_args`, weight for weight, so the run must end as the uninterrupted one.
+KILL_STEP = 13
+KILLED_RANK_1 = ["model.name=tests.failing_model:factory", f"model.kwargs={{mode = 'kill', rank = 1, step = {KILL_STEP}, dropout = 0.1}}"]
 
 
 @pytest.mark.slow
 def test_elastic_restart_after_a_worker_is_killed(corpus: Path, tmp_path: Path, uninterrupted: Callable[[str], Path]) -> None:
-    """`--nproc 2 --max-restarts 2`: SIGKILL rank 1; the restarted group resumes by itself."""
+    """`--nproc 2 --max-restarts 2`: rank 1 is SIGKILLed at step 13; the restarted group resumes by itself."""
     reference = uninterrupted("ddp")
     run = tmp_path / "run"
-    job = Job([*strategy_args(corpus, *KINDS["ddp"]), "--max-restarts", "2"], run, tmp_path / "log.txt")
-    job.wait_until(job.logged_step(3), "step 3")
-    worker = _worker_of_rank(job.proc.pid, rank=1)  # found early: the kill itself must be quick
-    assert worker is not None, "no worker with RANK=1 under the job"
-    job.wait_until(job.logged_step(12), "step 12")
-    os.kill(worker, signal.SIGKILL)
-    resume_at = latest_step(run)
-    log = job.finish()
-    # The restarted workers were given --resume auto and took the existing run directory.
+    log = train([*strategy_args(corpus, *KILLED_RANK_1, *KINDS["ddp"]), "--max-restarts", "2"], run, tmp_path / "log.txt")
     assert "exitcode: -9" in log  # torchrun saw the worker die and restarted the group
-    # A save in flight when rank 1 died may still have been completed by rank 0.
-    assert resumed_step(log) in (resume_at, resume_at + EVERY) and resume_at >= 10
+    # The restarted workers were given --resume auto and took the existing run directory.
+    assert resumed_step(log) == 10 == (KILL_STEP // EVERY) * EVERY
     assert "exists; pass --resume" not in log
     assert_same_weights(run, reference)
     assert compared_rows(run) == compared_rows(reference)
