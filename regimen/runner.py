@@ -29,6 +29,9 @@ def format_summary(summary: dict[str, Any], run_dir: Path | None) -> str:
         f"regimen: finished {summary['steps']} steps, {summary['samples']:,} samples, {summary['tokens']:,} tokens "
         f"in {summary['wall_time']:.1f} s on {summary['world_size']} process{'es' if summary['world_size'] > 1 else ''}",
     ]
+    if summary.get("stopped_early"):
+        stop = summary["stopped_early"]
+        lines.append(f"  stopped early   at step {stop['step']}" + (f": {stop['reason']}" if stop.get("reason") else ""))
     if summary.get("final_loss") is not None:
         lines.append(f"  train loss      {summary['final_loss']:.4f} {per}")
     if summary.get("final_val_loss") is not None:
@@ -66,12 +69,11 @@ def run_training(strategy: Strategy, run_dir: str | Path | None, resume: str | N
         from regimen.checkpoint import resume_trainer
 
         resume_trainer(trainer, run_dir, resume)
+    if run_dir is not None and resolved.observe.report:
+        trainer.end_of_run.append(lambda: _write_plots(run_dir))  # before the loggers close: they keep the report
     result = trainer.fit()
-    if trainer.is_main:
-        if run_dir is not None and resolved.observe.report:
-            _write_plots(run_dir)
-        if not quiet:
-            print(format_summary(result.summary, run_dir))
+    if trainer.is_main and not quiet:
+        print(format_summary(result.summary, run_dir))
     trainer.dist.close()
     return 0
 

@@ -408,9 +408,19 @@ class ObserveConfig:
     tensorboard: bool = False
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
     report: bool = True
+    # More loggers beside metrics.jsonl and TensorBoard (the same rows; docs/data.md, "Loggers").
+    mlflow: bool = False
+    mlflow_uri: str = ""  # "" = a file store in the run directory (mlruns/); else a tracking URI
+    mlflow_experiment: str = "regimen"
+    wandb: bool = False
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: files under the run directory, `wandb sync` later
+    wandb_project: str = "regimen"
 
     def validate(self) -> None:
         _in_range("observe", "noise_ema", self.noise_ema, 0.0, 1.0, lo_open=False, hi_open=True)
+        for key in ("mlflow_experiment", "wandb_project"):
+            if not getattr(self, key).strip():
+                _fail("observe", key, getattr(self, key), "must not be empty")
 
 
 SECTIONS: dict[str, type] = {

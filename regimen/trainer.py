@@ -46,7 +46,7 @@ from regimen import parallel
 from regimen.data import SampleOrder, micro_sizes, split_evenly
 from regimen.errors import UserError
 from regimen.noise import ConsecutiveGradients, NoiseScaleEstimator, grad_sqnorm
-from regimen.observe import MetricsWriter, ProgressDisplay, TensorBoardLogger
+from regimen.observe import MetricsWriter, ProgressDisplay, Sink, Status, check_loggers, open_sinks
 from regimen.optim import build_optimizer, set_train_mode
 from regimen.progress import Progress, Unit
 from regimen.schedules import budget_reached, build_batch_schedule, build_lr_schedule, lr_batch_scale, simulate_budget
@@ -54,6 +54,24 @@ from regimen.strategy import Strategy
 from regimen.task import Task, build_task, mse
 
 Callback = Callable[[dict[str, Any]], None]
+
+
+class StopTraining(Exception):  # a signal, not an error: Keras's `stop_training`
+    """Raised by a callback to end the run after the step whose row it was given.
+
+    The run then ends as a finished one does (on every rank): the final checkpoint, the export
+    and the summary, which records `stopped_early` with the step and the message. The other
+    callbacks still get that row.
+
+    Example:
+        >>> def stop_at_2(row):
+        ...     if row["step"] >= 2:
+        ...         raise StopTraining("enough")
+        >>> from regimen.strategy import Strategy
+        >>> s = Strategy.load(None, ["model.name=mlp", "data.source=synthetic", "train.log_every=1", "observe.progress=none"])
+        >>> Trainer(s, build_task(s.resolve()), callbacks=[stop_at_2]).fit().summary["stopped_early"]
+        {'step': 2, 'reason': 'enough'}
+    """
 
 
 @dataclass
@@ -95,7 +113,10 @@ def peak_memory_mb(device: torch.device) -> float:
 class Trainer:
     """Runs one strategy on one task, optionally recording into a run directory.
 
-    `callbacks` receive every logged row (the dicts written to `metrics.jsonl`).
+    `callbacks` receive every logged row (the dicts written to `metrics.jsonl`); one may raise
+    `StopTraining` to end the run after that step. `end_of_run` holds functions called on rank 0
+    once the final checkpoint, export and summary are written and before the loggers close (the
+    runner writes the report there, so the loggers keep it too).
     """
 
     def __init__(self, strategy: Strategy, task: Task, run_dir: str | Path | None = None, callbacks: list[Callback] | None = None) -> None:
@@ -103,6 +124,11 @@ class Trainer:
         self.task = task
         self.callbacks = callbacks or []
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is not None:
+            check_loggers(s.observe)  # a missing logger package fails before anything is built or written
+        self.end_of_run: list[Callable[[], None]] = []
+        self.sinks: list[Sink] = []
+        self.stopped: dict[str, Any] | None = None  # set when a callback ends the run early
         self.device = pick_device(s.train.device, int(os.environ.get("LOCAL_RANK", "0")))
         self.dist = parallel.Dist.from_env(self.device.type)
         self.is_main = self.dist.is_main
@@ -318,16 +344,25 @@ class Trainer:
     # ---- the outer loop ------------------------------------------------------------------
 
     def fit(self) -> RunResult:
-        """Train until the budget is spent; log, evaluate and checkpoint on their cadence."""
+        """Train until the budget is spent (or a callback stops it); log, evaluate and checkpoint on their cadence."""
+        try:
+            return self._fit()
+        except BaseException as e:
+            status: Status = "killed" if isinstance(e, KeyboardInterrupt) else "failed"
+            for sink in self.sinks:
+                sink.close(status=status)
+            self.sinks = []
+            raise
+
+    def _fit(self) -> RunResult:
         s = self.strategy
-        writer = tb = None
+        writer = None
         if self.is_main and self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             s.save(self.run_dir / "strategy.toml")
             writer = MetricsWriter(self.run_dir / "metrics.jsonl")
             writer.truncate_after(self.progress.step)  # a resumed run redoes what followed its checkpoint
-            if s.observe.tensorboard:
-                tb = TensorBoardLogger(self.run_dir / "tensorboard")
+            self.sinks = open_sinks(s, self.run_dir)
         mode = s.observe.progress if self.is_main else "none"
         display = ProgressDisplay(self.budget, self.budget_unit, mode, initial=self.progress.value(self.budget_unit))
         history: list[dict[str, Any]] = []
@@ -365,13 +400,16 @@ class Trainer:
                 history.append(row)
                 if writer:
                     writer.write(row)
-                if tb:
-                    tb.write(row)
-                for callback in self.callbacks:
-                    callback(row)
+                for sink in self.sinks:
+                    sink.write(row)
+                stop = self._run_callbacks(row)
                 display.update(self.progress.value(self.budget_unit), row)
                 if evaluate and "val_loss" in row:
                     display.message(self._eval_line(row))
+                if stop is not None:
+                    self.stopped = {"step": self.progress.step, "reason": str(stop)}
+                    display.message(f"step {step}: stopped early" + (f": {stop}" if str(stop) else ""))
+                    break
             if self.run_dir is not None and not done and self._checkpoint_due(last_save):
                 self.elapsed = time.perf_counter() - t0
                 self.save()
@@ -387,9 +425,30 @@ class Trainer:
         if writer and self.run_dir is not None:
             writer.close()
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if tb:
-            tb.close()
+        if self.is_main:
+            for hook in self.end_of_run:
+                hook()
+        if self.sinks and self.run_dir is not None:
+            artifacts = [self.run_dir / "model.safetensors", self.run_dir / "summary.json", *sorted(self.run_dir.glob("report*.html"))]
+            artifacts += sorted(self.run_dir.glob("*.png"))  # the report's figures, beside it
+            for sink in self.sinks:
+                sink.close([p for p in artifacts if p.is_file()])
+            self.sinks = []
         return RunResult(self.progress, summary, history, self.run_dir)
+
+    def _run_callbacks(self, row: dict[str, Any]) -> StopTraining | None:
+        """Give `row` to every callback; the first `StopTraining` raised, agreed on by every rank (rank 0 decides)."""
+        stop: StopTraining | None = None
+        for callback in self.callbacks:
+            try:
+                callback(row)
+            except StopTraining as e:
+                stop = stop or e
+        if self.dist.enabled and self.callbacks:
+            flag = torch.tensor([float(self.is_main and stop is not None)], device=self.device)
+            agreed = self.dist.all_reduce_sum(flag).item() > 0
+            stop = (stop or StopTraining("a callback on rank 0 stopped the run")) if agreed else None
+        return stop
 
     def _checkpoint_due(self, last_save: float) -> bool:
         """Every `every` steps and/or `every_minutes`; rank 0's clock decides for all ranks."""
@@ -474,6 +533,7 @@ class Trainer:
         vals = [r["val_loss"] for r in history if r.get("val_loss") is not None]
         return {
             "status": "finished",
+            "stopped_early": self.stopped,
             "steps": self.progress.step,
             "samples": self.progress.samples,
             "tokens": self.progress.tokens,
