@@ -119,6 +119,7 @@ WANDB_ENV = {
     "WANDB_ERROR_REPORTING": "false",  # no Sentry reports
     "WANDB_DISABLE_GIT": "true",
     "WANDB_CONSOLE": "off",
+    "WANDB_BASE_URL": "http://127.0.0.1:9",  # were anything to try the network, it would meet a closed local port
 }
 
 
