@@ -25,7 +25,6 @@ the HF Trainer does not import.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -33,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import ROOT, Table, cli, python_command, rerun_command, run_worker, threads, to_json
+from benchmarks.common import ROOT, Table, cli, loop_worker_parser, python_command, rerun_command, run_worker, threads, to_json
 
 GPT2 = {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 128, "vocab_size": 50257}
 CONTEXT = 128
@@ -197,12 +196,7 @@ def main() -> None:
     if "--worker" not in sys.argv:
         cli(run, __doc__)
         return
-    parser = argparse.ArgumentParser(description="One run of one loop in this process; prints its result as JSON.")
-    parser.add_argument("--worker", choices=KINDS, required=True)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: $BENCH_THREADS, else torch's default)")
-    args = parser.parse_args()
+    args = loop_worker_parser(KINDS, steps=40).parse_args()
     print(to_json(worker(args.worker, args.steps, args.warmup, args.threads or threads())))
 
 
