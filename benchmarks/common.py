@@ -214,6 +214,21 @@ def cli(run: Callable[[bool], list[Table]], doc: str | None = None) -> None:
         print(t.markdown())
 
 
+def loop_worker_parser(kinds: Sequence[str], steps: int) -> Any:
+    """The arguments of a loop benchmark's worker: `--worker KIND --steps N --warmup W --threads T`.
+
+    A benchmark adds its own (`--size`) and prints the run's JSON (`to_json`).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description="One run of one loop in this process; prints its result as JSON.")
+    parser.add_argument("--worker", choices=list(kinds), required=True)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: $BENCH_THREADS, else torch's default)")
+    return parser
+
+
 def to_json(obj: Any) -> str:
     """One compact JSON line (what a worker prints last)."""
     return json.dumps(obj, separators=(",", ":"))

@@ -33,7 +33,6 @@ benchmark uses for all four loops when it exists.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -43,7 +42,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import ROOT, Table, cli, peak_rss_mib, python_command, rerun_command, reset_peak_rss, run_worker, threads, to_json
+from benchmarks.common import (
+    ROOT,
+    Table,
+    cli,
+    loop_worker_parser,
+    peak_rss_mib,
+    python_command,
+    rerun_command,
+    reset_peak_rss,
+    run_worker,
+    threads,
+    to_json,
+)
 
 SIZES: dict[str, dict[str, int]] = {
     "1M": {"n_layer": 4, "n_head": 4, "d_model": 128},
@@ -286,12 +297,8 @@ def main() -> None:
     if "--worker" not in sys.argv:
         cli(run, __doc__)
         return
-    parser = argparse.ArgumentParser(description="One run of one loop in this process; prints its result as JSON.")
-    parser.add_argument("--worker", choices=KINDS, required=True)
+    parser = loop_worker_parser(KINDS, steps=50)
     parser.add_argument("--size", choices=list(SIZES), default="1M")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: $BENCH_THREADS, else torch's default)")
     args = parser.parse_args()
     print(to_json(worker(args.worker, args.size, args.steps, args.warmup, args.threads or threads())))
 

@@ -27,6 +27,8 @@ _LAZY = {
     "fit": "regimen.api",
     "lr_find": "regimen.lr_find",
     "History": "regimen.api",
+    "EarlyStopping": "regimen.callbacks",
+    "StopTraining": "regimen.trainer",
     "Trainer": "regimen.trainer",
     "RunResult": "regimen.trainer",
     "train": "regimen.trainer",

@@ -85,19 +85,41 @@ class TokenWindows:
         return rows[:, :-1], rows[:, 1:]
 
 
-class TensorSamples:
-    """Samples held as tensors: a tuple (x, y, ...) or a mapping {"input_ids": ..., ...}."""
+def tensor_names(tensors: Sequence[Any] | Mapping[str, Any]) -> list[str]:
+    """What a user calls each tensor of their data: the mapping's keys, else x and y (x0, x1, y).
 
-    def __init__(self, tensors: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> None:
+    >>> tensor_names((1, 2)), tensor_names((1, 2, 3)), tensor_names({"input_ids": 1})
+    (['x', 'y'], ['x0', 'x1', 'y'], ['input_ids'])
+    """
+    if isinstance(tensors, Mapping):
+        return [str(k) for k in tensors]
+    n = len(tensors)
+    if n == 1:
+        return ["x"]
+    return (["x"] if n == 2 else [f"x{i}" for i in range(n - 1)]) + ["y"]
+
+
+class TensorSamples:
+    """Samples held as tensors: a tuple (x, y, ...) or a mapping {"input_ids": ..., ...}.
+
+    `what` names the data in errors (`data`, `validation_data`).
+    """
+
+    def __init__(self, tensors: Sequence[Any] | Mapping[str, Any], what: str = "data") -> None:
+        if isinstance(tensors, Mapping):
+            tensors = {k: torch.as_tensor(v) for k, v in tensors.items()}
+        else:
+            tensors = tuple(torch.as_tensor(v) for v in tensors)
         values = list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
         if not values:
-            raise UserError("data: no tensors given")
+            raise UserError(f"{what}: no tensors given")
+        names = tensor_names(tensors)
         n = len(values[0])
-        for v in values:
-            if not isinstance(v, torch.Tensor):
-                v = torch.as_tensor(v)
+        for name, v in zip(names, values):
             if len(v) != n:
-                raise UserError(f"data: the tensors have different lengths ({n} and {len(v)}); they must match sample for sample")
+                raise UserError(
+                    f"{what}: {names[0]} and {name} have different lengths ({n} and {len(v)}); they must match sample for sample"
+                )
         self.tensors = tensors
         self.n = n
 
@@ -107,8 +129,8 @@ class TensorSamples:
     def gather(self, idx: np.ndarray) -> Any:
         index = torch.from_numpy(np.asarray(idx, dtype=np.int64))
         if isinstance(self.tensors, Mapping):
-            return {k: torch.as_tensor(v)[index] for k, v in self.tensors.items()}
-        return tuple(torch.as_tensor(v)[index] for v in self.tensors)
+            return {k: v[index] for k, v in self.tensors.items()}
+        return tuple(v[index] for v in self.tensors)
 
 
 class DatasetSamples:
@@ -126,19 +148,71 @@ class DatasetSamples:
         return default_collate([self.dataset[int(i)] for i in idx])
 
 
-def as_samples(data: Any) -> Samples:
-    """Wrap what a user passed to `fit` (tensors, tuple, mapping, Dataset) as `Samples`."""
+def is_hf_dataset(data: Any) -> bool:
+    """A Hugging Face `datasets.Dataset` (recognised without importing `datasets`)."""
+    return type(data).__module__.split(".")[0] == "datasets" and hasattr(data, "with_format") and hasattr(data, "features")
+
+
+def _numeric_arrow(tp: Any) -> bool:
+    """Numbers, booleans, or (nested) lists of them: what becomes a tensor."""
+    import pyarrow as pa
+
+    if pa.types.is_integer(tp) or pa.types.is_floating(tp) or pa.types.is_boolean(tp):
+        return True
+    if pa.types.is_list(tp) or pa.types.is_large_list(tp) or pa.types.is_fixed_size_list(tp):
+        return _numeric_arrow(tp.value_type)
+    return False
+
+
+class HFDatasetSamples:
+    """A Hugging Face `datasets.Dataset`: its numeric columns, a batch of rows at a time.
+
+    A batch is one Arrow `take` of the rows, converted by `datasets`' own torch formatter into
+    one tensor per column (no Python loop over rows). Columns that are not numbers or lists of
+    numbers (the raw `text`, say) are left out: they cannot be a model's tensor arguments. The
+    rows of a batch must have equal lengths (pad them when tokenizing, or pass a DataLoader with
+    a padding collator as an iterable of batches).
+    """
+
+    def __init__(self, dataset: Any, what: str = "data") -> None:
+        schema = dataset.features.arrow_schema
+        self.columns = [f.name for f in schema if _numeric_arrow(f.type)]
+        if not self.columns:
+            raise UserError(
+                f"{what}: the datasets.Dataset has no numeric columns (it has {', '.join(dataset.column_names)}); tokenize it first"
+            )
+        self.dataset = dataset.with_format("torch", columns=self.columns)
+        self.what = what
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def gather(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = self.dataset[np.asarray(idx, dtype=np.int64)]
+        for name, value in batch.items():
+            if not isinstance(value, torch.Tensor):
+                raise UserError(
+                    f"{self.what}: the rows of column {name!r} have different lengths; pad them to one length "
+                    "(or pass a DataLoader with a padding collator)"
+                )
+        return batch
+
+
+def as_samples(data: Any, what: str = "data") -> Samples:
+    """Wrap what a user passed to `fit` (tensors, tuple, mapping, Dataset) as `Samples`; `what` names it in errors."""
     if hasattr(data, "gather") and hasattr(data, "__len__"):
         return data
     if isinstance(data, torch.Tensor):
-        return TensorSamples((data,))
+        return TensorSamples((data,), what)
     if isinstance(data, Mapping):
-        return TensorSamples(data)
+        return TensorSamples(data, what)
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in data):
-        return TensorSamples(tuple(torch.as_tensor(t) for t in data))
+        return TensorSamples(data, what)
+    if is_hf_dataset(data):
+        return HFDatasetSamples(data, what)
     if isinstance(data, Dataset):
         return DatasetSamples(data)
-    raise UserError(f"data: cannot train on a {type(data).__name__}; pass tensors (x, y), a mapping of tensors, or a Dataset")
+    raise UserError(f"{what}: cannot train on a {type(data).__name__}; pass tensors (x, y), a mapping of tensors, or a Dataset")
 
 
 class SampleOrder:

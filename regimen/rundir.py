@@ -76,6 +76,7 @@ OWN_ENTRIES = frozenset(
         "train.log",  # compare's and tune's log of each run
         "tensorboard",
         "mlruns",
+        "loggers.json",  # the MLflow and W&B run ids a resume logs into
         "wandb",
         SAMPLES_FILE,
         "tokenizer.json",

@@ -31,6 +31,9 @@ def format_summary(summary: dict[str, Any], run_dir: Path | None) -> str:
         f"regimen: finished {summary['steps']} steps, {summary['samples']:,} samples, {summary['tokens']:,} tokens "
         f"in {summary['wall_time']:.1f} s on {summary['world_size']} process{'es' if summary['world_size'] > 1 else ''}",
     ]
+    if summary.get("stopped_early"):
+        stop = summary["stopped_early"]
+        lines.append(f"  stopped early   at step {stop['step']}" + (f": {stop['reason']}" if stop.get("reason") else ""))
     # Sources prepared with a tokenizer also report nats per byte of text: what compares across tokenizers.
     per_byte = {k: f", {summary[k + '_per_byte']:.4f} nats/byte" if summary.get(k + "_per_byte") is not None else "" for k in LOSS_KEYS}
     if summary.get("final_loss") is not None:
@@ -107,6 +110,9 @@ def run_training(
                         f"nothing to do (raise the budget, e.g. train.{unit}=..., to train further)"
                     )
                 return 0
+        if run_dir is not None and resolved.observe.report and trainer.is_main:
+            # Before the loggers close, so that they keep the report as an artifact.
+            trainer.end_of_run.append(lambda: _write_report(run_dir))
         if changes and run_dir is not None and trainer.is_main:
             rundir.record_event(run_dir, "strategy_changed", changed={k: list(v) for k, v in changes.items()}, allowed_by=_why(changes))
         result = trainer.fit()
@@ -117,15 +123,16 @@ def run_training(
         raise
     finally:
         trainer.close()
-    if trainer.is_main:
-        if run_dir is not None and resolved.observe.report:
-            from regimen.report import write_report
-
-            write_report([run_dir], run_dir)
-        if not quiet:
-            print(format_summary(result.summary, run_dir))
+    if trainer.is_main and not quiet:
+        print(format_summary(result.summary, run_dir))
     trainer.dist.close()
     return 0
+
+
+def _write_report(run_dir: Path) -> None:
+    from regimen.report import write_report
+
+    write_report([run_dir], run_dir)
 
 
 def _already_finished(trainer: Any, run_dir: Path) -> bool:

@@ -443,11 +443,21 @@ class ObserveConfig:
     report: bool = True
     # Tokens of text the built-in GPT writes after each evaluation, on text sources (0 = none).
     samples: int = 64
+    # More loggers beside metrics.jsonl and TensorBoard (the same rows; docs/data.md, "Loggers").
+    mlflow: bool = False
+    mlflow_uri: str = ""  # "" = a file store in the run directory (mlruns/); else a tracking URI
+    mlflow_experiment: str = "regimen"
+    wandb: bool = False
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: files under the run directory, `wandb sync` later
+    wandb_project: str = "regimen"
 
     def validate(self) -> None:
         _in_range("observe", "noise_ema", self.noise_ema, 0.0, 1.0, lo_open=False, hi_open=True)
         if self.samples < 0:
             _fail("observe", "samples", self.samples, "must be >= 0 (0 = no samples)")
+        for key in ("mlflow_experiment", "wandb_project"):
+            if not getattr(self, key).strip():
+                _fail("observe", key, getattr(self, key), "must not be empty")
 
 
 SECTIONS: dict[str, type] = {

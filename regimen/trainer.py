@@ -46,7 +46,7 @@ from regimen.checkpoint import Checkpointer, ModelState, RNGState, export_safete
 from regimen.data import SampleOrder, micro_sizes, split_evenly
 from regimen.errors import UserError
 from regimen.noise import ConsecutiveGradients, NoiseScaleEstimator, grad_sqnorm
-from regimen.observe import ProgressDisplay, TensorBoardLogger
+from regimen.observe import ProgressDisplay, Sink, Status, check_loggers, open_sinks
 from regimen.optim import build_optimizer, set_train_mode
 from regimen.progress import Progress, Unit
 from regimen.schedules import Schedule, budget_reached, build_batch_schedule, build_lr_multiplier, lr_batch_scale, simulate_budget
@@ -62,6 +62,24 @@ EVAL_CHUNK = 64
 # step's output (`train_step`'s dict: loss, lr, batch_size, grad_norm): the one place for per-step
 # code that is not the step itself (timing, probes, custom logging). Runs on every rank.
 StepHook = Callable[["Trainer", dict[str, Any]], None]
+
+
+class StopTraining(Exception):  # a signal, not an error: Keras's `stop_training`
+    """Raised by a callback to end the run after the step whose row it was given.
+
+    The run then ends as a finished one does (on every rank): the final checkpoint, the export
+    and the summary, which records `stopped_early` with the step and the message. The other
+    callbacks still get that row.
+
+    Example:
+        >>> def stop_at_2(row):
+        ...     if row["step"] >= 2:
+        ...         raise StopTraining("enough")
+        >>> from regimen.strategy import Strategy
+        >>> s = Strategy.load(None, ["model.name=mlp", "data.source=synthetic", "train.log_every=1", "observe.progress=none"])
+        >>> Trainer(s, build_task(s.resolve()), callbacks=[stop_at_2]).fit().summary["stopped_early"]
+        {'step': 2, 'reason': 'enough'}
+    """
 
 
 @dataclass
@@ -171,10 +189,13 @@ def peak_memory_mb(device: torch.device) -> float:
 class Trainer:
     """Runs one strategy on one task, optionally recording into a run directory.
 
-    `callbacks` receive every logged row (the dicts written to `metrics.jsonl`); `hooks`
-    (`StepHook`) run after every optimizer step. `lr_schedule` replaces the strategy's LR
-    schedule: a multiplier of `optimizer.lr` as a function of progress in `lr.unit` (what
-    `lr-find` sweeps). With a run directory, rank 0 holds its lock from here until `close()`.
+    `callbacks` receive every logged row (the dicts written to `metrics.jsonl`); one may raise
+    `StopTraining` to end the run after that step. `hooks` (`StepHook`) run after every optimizer
+    step. `end_of_run` holds functions called on rank 0 once the final checkpoint, export and
+    summary are written and before the loggers close (the runner writes the report there, so the
+    loggers keep it too). `lr_schedule` replaces the strategy's LR schedule: a multiplier of
+    `optimizer.lr` as a function of progress in `lr.unit` (what `lr-find` sweeps). With a run
+    directory, rank 0 holds its lock from here until `close()`.
     """
 
     def __init__(
@@ -191,6 +212,11 @@ class Trainer:
         self.callbacks = callbacks or []
         self.hooks = hooks or []
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is not None:
+            check_loggers(s.observe)  # a missing logger package fails before anything is built or written
+        self.end_of_run: list[Callable[[], None]] = []
+        self.sinks: list[Sink] = []
+        self.stopped: dict[str, Any] | None = None  # set when a callback ends the run early
         self.device = pick_device(s.train.device, int(os.environ.get("LOCAL_RANK", "0")))
         self.dist = parallel.Dist.from_env(self.device.type)
         self.is_main = self.dist.is_main
@@ -419,20 +445,25 @@ class Trainer:
     # ---- the outer loop ------------------------------------------------------------------
 
     def fit(self) -> RunResult:
-        """Train until the budget is spent; log, evaluate and checkpoint on their cadence."""
+        """Train until the budget is spent (or a callback stops it); log, evaluate and checkpoint on their cadence."""
         try:
             return self._fit()
+        except BaseException as e:
+            status: Status = "killed" if isinstance(e, KeyboardInterrupt) else "failed"
+            for sink in self.sinks:
+                sink.close(status=status)
+            self.sinks = []
+            raise
         finally:
             self.close()
 
     def _fit(self) -> RunResult:
         s, state = self.strategy, self.state
-        writer = tb = None
+        writer = None
         history: list[dict[str, Any]] = []
         if self.is_main and self.run_dir is not None:
             writer, history = self._open_run_dir(self.run_dir)
-            if s.observe.tensorboard:
-                tb = TensorBoardLogger(self.run_dir / "tensorboard")
+            self.sinks = open_sinks(s, self.run_dir)
         # A language model on text writes a short sample after each evaluation (observe.samples).
         from regimen.sample import TrainingSamples
 
@@ -477,13 +508,16 @@ class Trainer:
                 history.append(row)
                 if writer:
                     writer.write(row)
-                if tb:
-                    tb.write(row)
-                for callback in self.callbacks:
-                    callback(row)
+                for sink in self.sinks:
+                    sink.write(row)
+                stop = self._run_callbacks(row)
                 display.update(self.progress.value(self.budget_unit), row)
                 if evaluate and "val_loss" in row:
                     display.message(self._eval_line(row))
+                if stop is not None:
+                    self.stopped = {"step": self.progress.step, "reason": str(stop)}
+                    display.message(f"step {step}: stopped early" + (f": {stop}" if str(stop) else ""))
+                    break
             if self.run_dir is not None and not done and self._checkpoint_due(last_save):
                 state.elapsed = time.perf_counter() - t0
                 self.save()
@@ -502,8 +536,20 @@ class Trainer:
             writer.close()
             rundir.write_summary(self.run_dir, summary)
             rundir.record_event(self.run_dir, "finished", step=self.progress.step)
-        if tb:
-            tb.close()
+        if self.is_main:
+            for finish in self.end_of_run:
+                finish()
+        if self.sinks and self.run_dir is not None:
+            run = self.run_dir
+            artifacts = [
+                run / rundir.WEIGHTS_FILE,
+                run / rundir.SUMMARY_FILE,
+                *sorted(run.glob("report*.html")),
+                *sorted(run.glob("*.png")),
+            ]
+            for sink in self.sinks:
+                sink.close([p for p in artifacts if p.is_file()])
+            self.sinks = []
         return RunResult(self.progress, summary, history, self.run_dir)
 
     def _step_or_explain(self) -> dict[str, Any]:
@@ -532,6 +578,20 @@ class Trainer:
         rundir.record_event(run_dir, "resume" if step > 0 else "start", step=step, pid=os.getpid(), world_size=self.dist.world_size)
         # The summary covers the whole run: the rows logged before a resume count too.
         return writer, rundir.read_metrics(run_dir / rundir.METRICS_FILE) if step > 0 else []
+
+    def _run_callbacks(self, row: dict[str, Any]) -> StopTraining | None:
+        """Give `row` to every callback; the first `StopTraining` raised, agreed on by every rank (rank 0 decides)."""
+        stop: StopTraining | None = None
+        for callback in self.callbacks:
+            try:
+                callback(row)
+            except StopTraining as e:
+                stop = stop or e
+        if self.dist.enabled and self.callbacks:
+            flag = torch.tensor([float(self.is_main and stop is not None)], device=self.device)
+            agreed = self.dist.all_reduce_sum(flag).item() > 0
+            stop = (stop or StopTraining("a callback on rank 0 stopped the run")) if agreed else None
+        return stop
 
     def _checkpoint_due(self, last_save: float) -> bool:
         """Every `every` steps and/or `every_minutes`; rank 0's clock decides for all ranks."""
@@ -607,6 +667,7 @@ class Trainer:
         elapsed = self.state.elapsed
         return {
             "status": "finished",
+            "stopped_early": self.stopped,
             "steps": self.progress.step,
             "samples": self.progress.samples,
             "tokens": self.progress.tokens,
