@@ -120,10 +120,16 @@ def _refuse_lists(data: Any, what: str) -> None:
                 raise UserError(f"{what}: {name} is a Python {type(value).__name__}; {hint}")
 
 
+# An iterable of ready-made batches (a DataLoader) with at most this many is read into a list once,
+# so its batches can be shuffled like samples; a longer one is cycled in its own order (a list of
+# that many batches would hold the whole dataset in memory a second time).
+MATERIALIZE_BATCHES = 10_000
+
+
 def _samples(data: Any, what: str) -> Samples:
     _refuse_lists(data, what)
     if _is_batch_iterable(data):
-        if not isinstance(data, Sequence) and hasattr(data, "__len__") and len(data) < 10_000:
+        if not isinstance(data, Sequence) and hasattr(data, "__len__") and len(data) < MATERIALIZE_BATCHES:
             data = list(data)
         return BatchStream(data, what)
     samples = as_samples(data, what)

@@ -114,6 +114,27 @@ def exit_code_of(work: Callable[[], int], rank: int | None = None) -> int:
         return USER_ERROR_EXIT
 
 
+# What a worker must never destroy before `end_worker` (see `keep_until_exit`).
+_KEPT: list[object] = []
+
+
+def keep_until_exit(obj: object) -> None:
+    """In a torchrun worker, keep `obj` (the trainer: its DDP reducer, its process group) alive until `os._exit`.
+
+    Destroying gloo's process group joins its worker threads while this thread holds the GIL;
+    a worker thread that is still releasing the last collective's tensors waits for the GIL:
+    a deadlock (seen here: the main thread in `~ProcessGroupGloo` -> `thread::join`, the gloo
+    thread in `gil_scoped_acquire` from `~AsyncWork`, when `run_training`'s frame freed the
+    trainer). A worker ends with `os._exit` anyway, so nothing needs destroying.
+    Outside a worker, nothing is kept.
+
+    >>> keep_until_exit(object()); len(_KEPT)
+    0
+    """
+    if in_worker():
+        _KEPT.append(obj)
+
+
 def end_worker(code: int) -> NoReturn:
     """End this worker with `code`: threads joined, atexit handlers run, streams flushed, no finalization (see the module).
 

@@ -88,6 +88,7 @@ def run_training(
     task = build_task(resolved)
     created = run_dir is not None and not run_dir.exists()
     trainer = Trainer(resolved, task, run_dir)
+    launch.keep_until_exit(trainer)  # a torchrun worker must not destroy its process group (regimen.launch)
     try:
         if trainer.is_main and not quiet and task.data is not None:
             print(f"regimen: {task.data.description}", file=sys.stderr)
