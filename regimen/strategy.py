@@ -261,12 +261,13 @@ class BatchConfig:
 
     `size` is the global batch of `fixed`, the final size of `ramp` and the starting size of
     `adaptive`. `micro` is the largest micro-batch one rank runs at once (gradient accumulation
-    covers the rest); None means the whole rank share in one go.
+    covers the rest); None means the whole rank share in one go; "auto" the largest that fits
+    in the memory of a device (chosen by the planner when the run starts, saved as a number).
     """
 
     schedule: Literal["fixed", "full", "random", "ramp", "adaptive"] = "fixed"
     size: int = 32
-    micro: int | None = None
+    micro: int | Literal["auto"] | None = None
     # random: uniform over multiples of the rounding unit in [min, max], or `choices` / `probs`.
     # adaptive: the clip range of the batch.
     min: int | None = None
@@ -284,7 +285,7 @@ class BatchConfig:
 
     def validate(self) -> None:
         _positive("batch", "size", self.size)
-        if self.micro is not None:
+        if isinstance(self.micro, int):
             _positive("batch", "micro", self.micro)
             if self.schedule == "fixed" and self.micro > self.size:
                 _fail("batch", "micro", self.micro, f"must be <= batch.size ({self.size})")
@@ -319,6 +320,12 @@ class BatchConfig:
         _positive("batch", "every", self.every)
         if self.max_growth < 1.0:
             _fail("batch", "max_growth", self.max_growth, "must be >= 1")
+
+    @property
+    def micro_size(self) -> int | None:
+        """`micro` as the trainer runs it: a number or None, once "auto" is chosen (`regimen.micro`)."""
+        assert self.micro != "auto", "batch.micro = 'auto' is chosen when the run starts (regimen.micro.choose_micro)"
+        return self.micro
 
 
 @dataclass
@@ -373,14 +380,32 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """`[parallel]`: how the model is spread over the ranks torchrun started."""
+    """`[parallel]`: how the model is spread over the ranks, and the memory strategies.
+
+    `activation_checkpointing` recomputes activations in the backward pass instead of keeping
+    them: "block" recomputes the whole of each checkpointed module, "selective" all but its
+    matmul outputs. The modules are the model's `blocks` (the built-in GPT), or those whose
+    class is named in `checkpoint_modules`. `cpu_offload` keeps FSDP2's parameters, gradients
+    and optimizer state in host memory. `memory_gib` is the memory of one device that
+    `batch.micro = "auto"` plans for (default: measured, see `regimen.devices`).
+    """
 
     mode: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     # FSDP2 mixed precision: parameters cast to bf16 for compute, gradients reduced in fp32.
     fsdp_bf16: bool = False
+    activation_checkpointing: Literal["none", "block", "selective"] = "none"
+    checkpoint_modules: list[str] = field(default_factory=list)
+    cpu_offload: bool = False
+    memory_gib: float | None = None
 
     def validate(self) -> None:
-        pass
+        if self.cpu_offload and self.mode != "fsdp":
+            _fail("parallel", "cpu_offload", True, f"offloads FSDP2's shards: needs parallel.mode = 'fsdp', not {self.mode!r}")
+        if self.memory_gib is not None:
+            _positive("parallel", "memory_gib", self.memory_gib)
+        for name in self.checkpoint_modules:
+            if not name.isidentifier():
+                _fail("parallel", "checkpoint_modules", self.checkpoint_modules, "module class names, e.g. ['Block']")
 
 
 @dataclass
@@ -705,6 +730,11 @@ def _coerce(section: str, key: str, value: Any, tp: Any) -> Any:
                 return _coerce(section, key, value, option)
             except UserError as e:
                 errors.append(e)
+        choices = [a for o in options if get_origin(o) is Literal for a in get_args(o)]
+        if choices:  # e.g. `int | Literal["auto"]`: name both forms, not just the first that failed
+            forms = [_KIND.get(o, str(o)) for o in options if o is not type(None) and get_origin(o) is not Literal]
+            nullable = ", or none" if type(None) in options else ""
+            _fail(section, key, value, f"expected {' or '.join(forms)}, {', '.join(map(repr, choices))}{nullable}")
         raise errors[0]
     if origin is Literal:
         allowed = get_args(tp)
@@ -746,6 +776,9 @@ def _coerce(section: str, key: str, value: Any, tp: Any) -> Any:
     if tp is Any:
         return value
     raise AssertionError(f"unsupported annotation {tp!r} for {section}.{key}")
+
+
+_KIND = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 def _fmt(value: Any) -> str:
