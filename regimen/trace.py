@@ -14,8 +14,9 @@ operand layout so that `regimen.devices` can time each distinct one; the bytes e
 reads and writes; and how many ops ran (each costs a fixed dispatch overhead).
 
 A data-dependent scalar read on a fake tensor (`.item()`, as Adafactor and LAMB read norms)
-has no value to return; the recorder answers 1, since shapes, not values, decide memory and
-FLOPs.
+has no value to return: the recorder answers the fake tensor's constant where torch kept one,
+else 1 for an integer or a flag and 0.5 for a real number (a value no formula divides by zero
+with, such as NAdam's `1 - mu_product`), since shapes, not values, decide memory and FLOPs.
 
 Example:
     >>> from torch._subclasses.fake_tensor import FakeTensorMode
@@ -196,7 +197,8 @@ class Recorder(TorchDispatchMode):
         if any(getattr(t, "__name__", "") == "DTensor" for t in types):
             return NotImplemented  # let DTensor run its local ops, which come back through here
         if func is aten._local_scalar_dense.default and is_fake(args[0]):
-            return _placeholder(args[0].dtype)
+            constant = getattr(args[0], "constant", None)
+            return constant.item() if constant is not None else _placeholder(args[0].dtype)
         out = func(*args, **kwargs)
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         for t in outputs:
@@ -231,7 +233,7 @@ _METADATA_OPS = {aten.detach.default, aten.empty.memory_format, aten.empty_strid
 def _placeholder(dtype: torch.dtype) -> float | int | bool:
     if dtype == torch.bool:
         return True
-    return 1.0 if dtype.is_floating_point or dtype.is_complex else 1
+    return 0.5 if dtype.is_floating_point or dtype.is_complex else 1
 
 
 def fake_copy(model: nn.Module, mode: FakeTensorMode) -> nn.Module:
