@@ -39,6 +39,8 @@ SUITE = (
     "batch_strategies",
     "distributed",
     "checkpoint_io",
+    "plan_accuracy",
+    "memory_strategies",
 )
 
 

@@ -39,7 +39,7 @@ from torch import nn
 from regimen import devices, estimate
 from regimen.devices import Accelerator
 from regimen.errors import UserError
-from regimen.micro import ALLOCATOR_FRACTION, GiB, resident_bytes
+from regimen.micro import GiB, allocator_fraction, resident_bytes
 from regimen.strategy import Strategy
 
 # What an accelerator holds outside torch's allocator: the CUDA context and library
@@ -230,8 +230,8 @@ class Planner:
         if self.calibrated.get("runtime") is not None:
             return self.calibrated["runtime"]
         if self.target.host_is_device:
-            return estimate.Runtime(self.baseline, ALLOCATOR_FRACTION["cpu"], "the process (Python, torch, data) and the allocator")
-        return estimate.Runtime(CUDA_CONTEXT_BYTES, ALLOCATOR_FRACTION["cuda"], "the CUDA context and the caching allocator")
+            return estimate.Runtime(self.baseline, allocator_fraction("cpu"), "the process (Python, torch, data) and glibc's heap")
+        return estimate.Runtime(CUDA_CONTEXT_BYTES, allocator_fraction("cuda"), "the CUDA context and the caching allocator")
 
     def row(self, layout: estimate.Layout, speed: devices.Speed, steps: float, mean_batch: float, given: bool = False) -> Row:
         trace = self.trace(layout.checkpointing)
