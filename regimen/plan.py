@@ -350,7 +350,7 @@ class Planner:
         predicted_compute = row.step.compute / self.time_scale
         self.time_scale = measured["step_s"] / predicted_compute
         # The rest, as measured: the process's peak beyond the training tensors it held.
-        runtime = estimate.Runtime(max(measured["rest"], 0.0), 0.0, "the process and the allocator, measured")
+        runtime = estimate.Runtime(max(measured["rest"], 0.0), 0.0, "the process and the allocator")
         self.calibrated = {"runtime": runtime, **measured, "layout": row.layout, "predicted_step_s": predicted_compute}
         new = self.plan()
         new.notes.insert(

@@ -223,3 +223,12 @@ def test_memory_is_split_between_cpu_processes() -> None:
     assert two.memory == pytest.approx(one.memory / 2, rel=0.05)  # the machine's memory changes a little meanwhile
     assert resolve_target("cpu", 2, 3.0).memory == 3 * 2**30
     assert math.isclose(resolve_target("l4", 1, None).memory, 22.0 * 2**30)
+
+
+def test_calibrate_measures_here_and_says_so(corpus: Path) -> None:
+    """--calibrate runs real steps of the recommended layout and replaces the rest with what it measured."""
+    done = run_cli("plan", *SMALL, f"data.source=text:{corpus}", "--device", "cpu", "--calibrate")
+    assert done.returncode == 0, done.stderr
+    notes = [line for line in done.stdout.splitlines() if line.startswith("- ")]
+    assert notes[0].startswith("- calibrated (1 process here, none, micro 8): step measured ")
+    assert "tensors' peak measured" in notes[0] and "(measured by --calibrate)" in done.stdout
