@@ -112,7 +112,7 @@ def worker(overrides: list[str], steps: int, isolate: bool) -> dict[str, Any]:
         "baseline": baseline,
         "step_s": step_s,
         "n_params": n_params,
-        "micro": s.batch.micro,
+        "micro": trainer.strategy.batch.micro,
         "file": file_growth,
     }
 
@@ -142,23 +142,18 @@ def planner(overrides: list[str], nproc: int) -> Any:
     return Planner(s, resolve_target("cpu", nproc, 1024.0))
 
 
-def layout_of(p: Any) -> Any:
-    """The layout a planner's strategy runs as given (its mode, checkpointing, offload, micro-batch)."""
-    return p.given_layout()
-
-
 def predict_peak(p: Any) -> tuple[float, Any]:
     """(predicted training peak in bytes without the runtime part, the footprint) of the given layout."""
     from regimen import estimate
 
-    layout = layout_of(p)
+    layout = p.given_layout()
     fp = estimate.footprint(p.trace(layout.checkpointing), layout, p.share, p.runtime(), True, p.strategy.parallel.fsdp_bf16)
     return fp.peak - fp.runtime, fp
 
 
 def predict_step(p: Any) -> float:
     """Predicted seconds per step of the given layout (this machine's measured speed)."""
-    row = p.row(layout_of(p), p.speed(), 1.0, float(p.strategy.batch.size))
+    row = p.row(p.given_layout(), p.speed(), 1.0, float(p.strategy.batch.size))
     return float(row.step.total)
 
 

@@ -44,7 +44,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -125,11 +125,16 @@ class ParamState:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.element_size
 
-    def shard(self, nbytes_full: int, shape: tuple[int, ...], n: int) -> int:
-        """Bytes of the first (largest) of `n` dim-0 chunks of a tensor of `shape` (FSDP2's sharding)."""
-        if not shape or shape[0] == 0:
-            return nbytes_full
-        return nbytes_full // shape[0] * math.ceil(shape[0] / n)
+
+def first_chunk(nbytes: int, shape: tuple[int, ...], n: int) -> int:
+    """Bytes of the first (largest) of `n` dim-0 chunks of a tensor of `shape` (FSDP2's sharding, torch.chunk's split).
+
+    >>> first_chunk(10 * 4, (10,), 4)  # chunks of 3, 3, 3 and 1 elements
+    12
+    """
+    if not shape or shape[0] == 0:
+        return nbytes
+    return nbytes // shape[0] * math.ceil(shape[0] / n)
 
 
 @dataclass
@@ -156,9 +161,9 @@ class StateCount:
         A state tensor shaped like its parameter is sharded with it; any other (a step counter,
         a factored statistic) is replicated.
         """
-        params = sum(p.shard(p.nbytes, p.shape, n) for p in self.params)
-        grads = sum(p.shard(math.prod(p.shape) * p.grad_element_size, p.shape, n) for p in self.params)
-        optim = sum(p.shard(b, s, n) if s == p.shape else b for p in self.params for s, b in p.states)
+        params = sum(first_chunk(p.nbytes, p.shape, n) for p in self.params)
+        grads = sum(first_chunk(math.prod(p.shape) * p.grad_element_size, p.shape, n) for p in self.params)
+        optim = sum(first_chunk(b, s, n) if s == p.shape else b for p in self.params for s, b in p.states)
         return params, grads, optim
 
     def unit_bytes(self, element_size: int | None = None) -> tuple[int, int]:
@@ -213,10 +218,6 @@ class PolicyTrace:
     first: dict[int, Phase]
     later: dict[int, Phase]
     update: Phase
-
-    @property
-    def sizes(self) -> list[int]:
-        return sorted(self.first)
 
 
 def _interpolate(phases: dict[int, Phase], m: int) -> tuple[float, float]:
@@ -465,7 +466,6 @@ class Choice:
 
     micro: int | None
     footprint: Footprint
-    tried: list[tuple[int, Footprint]] = field(default_factory=list)
 
 
 def largest_fitting(

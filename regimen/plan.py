@@ -87,6 +87,7 @@ class Plan:
     notes: list[str]
     strategy: Strategy
     tokens_per_sample: int
+    max_batch: int
 
 
 # ---- the command ------------------------------------------------------------------------------
@@ -261,7 +262,8 @@ class Planner:
                 rows.append(self.row(layout, speed, steps, mean_batch))
         fitting = [r for r in rows if r.fits]
         best = min(fitting, key=lambda r: (r.step.total, r.footprint.peak)) if fitting else None
-        return Plan(rows, best, self.target, self.notes(speed), s, self.data.tokens_per_sample)
+        max_batch = estimate.largest_batch(s.batch, len(self.data.train))
+        return Plan(rows, best, self.target, self.notes(speed), s, self.data.tokens_per_sample, max_batch)
 
     def _largest(self, layout: estimate.Layout) -> estimate.Layout | None:
         trace = self.trace(layout.checkpointing)
@@ -453,8 +455,7 @@ def render(plan: Plan) -> str:
     where = f"{t.devices} x {t.name}" if t.devices > 1 else t.name
     s = plan.strategy
     head = (
-        f"regimen plan: {s.model.name} model, optimizer {s.optimizer.name}, global batch up to "
-        f"{estimate.largest_batch(s.batch, 1 << 62) if s.batch.schedule != 'full' else 'the dataset'} "
+        f"regimen plan: {s.model.name} model, optimizer {s.optimizer.name}, global batch up to {plan.max_batch} "
         f"on {where} ({t.memory / GiB:.2f} GiB each; memory in {unit_name} per device)"
     )
     columns = ["layout", "micro", "params", "grads", "optim", "activ", "rest", "peak", "fits", "step", "tokens/s", "budget"]

@@ -94,20 +94,6 @@ class Tally:
     def flops(self) -> float:
         return sum(self.flops_of[k] * n for k, n in self.compute.items())
 
-    def __add__(self, other: Tally) -> Tally:
-        out = Tally(self.compute + other.compute, {**self.flops_of, **other.flops_of}, self.memory_bytes + other.memory_bytes)
-        out.ops = self.ops + other.ops
-        out.module_calls = self.module_calls + other.module_calls
-        return out
-
-    def scaled(self, n: float) -> Tally:
-        """This tally `n` times over (n micro-batches); `n` may be fractional when interpolating."""
-        out = Tally(Counter(), dict(self.flops_of), self.memory_bytes * n)
-        out.compute.update({k: v * n for k, v in self.compute.items()})  # type: ignore[misc]
-        out.ops = round(self.ops * n)
-        out.module_calls = round(self.module_calls * n)
-        return out
-
 
 def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
     if type(t) not in (torch.Tensor, nn.Parameter) and not is_fake(t):
