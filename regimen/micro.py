@@ -138,7 +138,9 @@ def plan_micro(
         raise
     except Exception as e:  # a model that reads its data, or cannot be copied
         what = f"{type(e).__name__}: {e}"
-        raise UserError(f"batch.micro = 'auto': the training step cannot be traced on fake tensors ({what}); set batch.micro to a number") from None
+        raise UserError(
+            f"batch.micro = 'auto': the training step cannot be traced on fake tensors ({what}); set batch.micro to a number"
+        ) from None
     layout = estimate.Layout(mode, world, policy, s.parallel.cpu_offload, 1)
     host_is_device = device.type == "cpu"
     choice = estimate.largest_fitting(trace, layout, s.batch, share, memory, runtime, host_is_device, estimate.AUTO_HEADROOM)
