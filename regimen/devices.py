@@ -242,7 +242,7 @@ def dispatch_overhead() -> tuple[float, float]:
     """(seconds per tiny op, seconds per nn.Module call) on this host: the fixed cost of eager PyTorch."""
     import torch
 
-    a = torch.ones(1)
+    a = torch.ones(1, requires_grad=True)  # a training forward records each op for autograd
     n = 200
 
     def ops() -> None:
