@@ -42,6 +42,8 @@ SUITE = (
     "checkpoint_io",
     "prepare_speed",
     "bpe_vs_bytes",
+    "plan_accuracy",
+    "memory_strategies",
 )
 
 

@@ -1,4 +1,4 @@
-"""The command line: `regimen train / compare / lr-find / report / prepare / sample`.
+"""The command line: `regimen train / compare / lr-find / plan / report / prepare / sample`.
 
 Nothing here imports torch at module level, so `regimen --help` answers at once; each
 subcommand imports what it needs when it runs. A `UserError` anywhere becomes one line on
@@ -12,6 +12,7 @@ Example:
     $ regimen lr-find optimizer.name=sgd              # an LR range test
     $ regimen prepare texts/ --out tokens --tokenizer bpe:8192   # text -> tokens:DIR
     $ regimen sample runs/gpt --prompt "def "         # text from a trained GPT
+    $ regimen plan --devices 8 --device h100-sxm      # will it fit, how long will it take
 """
 
 from __future__ import annotations
@@ -110,6 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
     lr_find.add_argument("--steps", type=int, default=100, help="steps of the sweep (default: 100)")
     lr_find.add_argument("--out", metavar="DIR", help="where lr_find.png and lr_find.json go (default: runs/lr-find-<time>)")
 
+    plan = sub.add_parser(
+        "plan",
+        help="will it fit, how long will it take, and what to change",
+        description=(
+            "Predict the per-device peak memory (parameters, gradients, optimizer state, activations, the rest) and the time "
+            "of a step and of the whole budget, for the strategy as given and for the parallel modes, activation "
+            "checkpointing, CPU offload and micro-batch sizes that matter; recommend the fastest that fits."
+        ),
+    )
+    _add_strategy_args(plan)
+    plan.add_argument("--devices", metavar="N", help="devices (processes on a CPU) to spread the run over (default: 1)")
+    plan.add_argument(
+        "--device", metavar="cpu|cuda|NAME", help="this machine's cpu or cuda, or a known accelerator such as h100-sxm (see docs/plan.md)"
+    )
+    plan.add_argument("--memory", metavar="GiB", help="memory per device in GiB (default: what the device has available)")
+    plan.add_argument("--calibrate", action="store_true", help="run a few real steps here and correct the predictions with them")
+    plan.add_argument("--apply", metavar="OUT.toml", help="write the recommended strategy to a new file for `regimen train`")
+
     report = sub.add_parser(
         "report",
         help="make the HTML report of runs",
@@ -174,6 +193,7 @@ COMMANDS = {
     "report": "regimen.report",
     "prepare": "regimen.prepare",
     "sample": "regimen.sample",
+    "plan": "regimen.plan",
 }
 
 

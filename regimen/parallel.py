@@ -11,9 +11,19 @@ caller through `grad_sync(model, enabled)`.
   other workers and exits non-zero.
 - `mode = "ddp"`: DistributedDataParallel (gradients all-reduced and averaged over ranks).
 - `mode = "fsdp"`: FSDP2, `fully_shard` on each transformer block, then on the root; with
-  `fsdp_bf16` a mixed-precision policy computes in bf16 and reduces gradients in fp32.
+  `fsdp_bf16` a mixed-precision policy computes in bf16 and reduces gradients in fp32; with
+  `cpu_offload` torch's `CPUOffloadPolicy` keeps the shards (parameters, gradients, optimizer
+  state) in host memory and copies each block to the device for its forward and backward.
   FSDP2 reduce-scatters each rank's gradient as soon as the backward ends, so a rank's own
   (local) gradient is never visible: estimators that need it (the noise scale) need `ddp`.
+- Activation checkpointing (`checkpoint_activations`), applied before any wrapper as torchtitan
+  does: each selected module is wrapped in torch's `checkpoint_wrapper` (non-reentrant
+  `torch.utils.checkpoint`), so its activations are recomputed in the backward pass; with
+  "selective", torch's selective checkpointing keeps the outputs of matmuls and attention and
+  recomputes the cheap elementwise rest. The forward is the same computation and the RNG state
+  is replayed (dropout draws the same mask), so training is exact. The wrapper adds
+  `_checkpoint_wrapped_module` to parameter names but not to state-dict keys: checkpoints and
+  exported weights are the same with and without it.
 
 Example:
     >>> d = Dist()
@@ -25,17 +35,22 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import math
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from regimen.errors import UserError
+
+if TYPE_CHECKING:
+    from regimen.strategy import ParallelConfig
 
 TIMEOUT_ENV = "REGIMEN_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
@@ -107,6 +122,12 @@ class Dist:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def all_reduce_min(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The minimum of `tensor` over ranks, in place (what every rank can afford)."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return tensor
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
@@ -147,9 +168,13 @@ def resolve_mode(mode: str, d: Dist) -> str:
     return mode
 
 
-def wrap(model: nn.Module, mode: str, d: Dist, device: torch.device, fsdp_bf16: bool = False) -> nn.Module:
-    """The model wrapped for `mode` (the unwrapped model for `none`)."""
+def wrap(model: nn.Module, mode: str, d: Dist, device: torch.device, cfg: ParallelConfig | None = None) -> nn.Module:
+    """The model wrapped for `mode` (the unwrapped model for `none`), checkpointed as `cfg` says."""
+    if cfg is not None:
+        checkpoint_activations(model, cfg.activation_checkpointing, cfg.checkpoint_modules)
     if mode == "none":
+        if cfg is not None and cfg.cpu_offload:
+            warnings.warn("parallel.cpu_offload is ignored: one process trains without FSDP2 (start several with --nproc)", stacklevel=2)
         return model
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -157,17 +182,106 @@ def wrap(model: nn.Module, mode: str, d: Dist, device: torch.device, fsdp_bf16: 
         ids = [device.index] if device.type == "cuda" else None
         return DDP(model, device_ids=ids)
     if mode == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if fsdp_bf16 else MixedPrecisionPolicy()
+        bf16 = cfg is not None and cfg.fsdp_bf16
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        # Pinned host memory makes the copies to a GPU asynchronous; it needs CUDA to exist.
+        offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg is not None and cfg.cpu_offload else OffloadPolicy()
         blocks = getattr(model, "blocks", None)
         if blocks is None:
             raise UserError("parallel.mode = 'fsdp': the model has no `blocks` to shard; use ddp, or give the model a `blocks` ModuleList")
         for block in blocks:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+            fully_shard(block, mp_policy=policy, offload_policy=offload)
+        fully_shard(model, mp_policy=policy, offload_policy=offload)
         return model
     raise AssertionError(f"unknown parallel mode {mode!r}")
+
+
+Select = Sequence[str] | Callable[[nn.Module], bool]
+
+
+def checkpoint_activations(model: nn.Module, policy: str, select: Select | None = None) -> list[str]:
+    """Recompute the activations of the selected modules in the backward pass; their names.
+
+    `policy`: "none" (nothing happens), "block" (recompute everything inside each module) or
+    "selective" (keep the outputs of matmuls and attention, recompute the rest). `select`:
+    class names (`["Block"]`), a predicate on modules, or empty/None for the model's `blocks`.
+    A module inside one already selected (or already checkpointed) is left alone.
+
+    >>> from regimen.models import GPT, GPTConfig
+    >>> checkpoint_activations(GPT(GPTConfig(context=8, n_layer=2, n_head=1, d_model=8)), "block")
+    ['blocks.0', 'blocks.1']
+    """
+    if policy == "none":
+        return []
+    if policy not in ("block", "selective"):
+        raise UserError(f"parallel.activation_checkpointing = {policy!r}: allowed: none, block, selective")
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
+
+    chosen = _selector(model, policy, select)
+    picked: list[str] = []
+    inside: list[str] = []  # prefixes of modules already checkpointed: nothing below them is wrapped again
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, CheckpointWrapper):
+            inside.append(name)
+        elif name and chosen(module):
+            picked.append(name)
+            inside.append(name)
+    if not picked and not inside:
+        what = f"the classes {list(select)}" if isinstance(select, Sequence) and select else "the selection"
+        found = sorted({type(m).__name__ for m in model.modules()})
+        raise UserError(
+            f"parallel.activation_checkpointing = {policy!r}: no module of the model matches {what} "
+            f"(its classes: {', '.join(found[:12])}); set parallel.checkpoint_modules"
+        )
+    kwargs: dict[str, Any] = {"context_fn": _selective_contexts} if policy == "selective" else {}
+    for name in picked:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, checkpoint_wrapper(parent.get_submodule(child), **kwargs))
+    return picked
+
+
+def _selector(model: nn.Module, policy: str, select: Select | None) -> Callable[[nn.Module], bool]:
+    if callable(select):
+        return select
+    if isinstance(select, str):
+        select = [select]
+    if select:
+        names = set(select)
+        return lambda m: type(m).__name__ in names
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise UserError(
+            f"parallel.activation_checkpointing = {policy!r}: the model has no `blocks`; "
+            "name the modules to recompute by class in parallel.checkpoint_modules, e.g. ['Block']"
+        )
+    ids = {id(b) for b in blocks}
+    return lambda m: id(m) in ids
+
+
+@functools.cache  # asked for every op of every checkpointed forward
+def _saved_ops() -> frozenset[Any]:
+    """The ops whose outputs selective checkpointing keeps: matmuls and attention (the costly ones)."""
+    aten = torch.ops.aten
+    names = ["mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu"]
+    names += ["_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"]
+    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+
+
+def _save_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts() -> Any:
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_save_matmuls)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

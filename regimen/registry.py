@@ -84,7 +84,8 @@ class Registry:
 # Optimizers. meta: `keys`, the torch-named hyperparameters it takes (others are refused);
 # `family`, "sgd" (LR scales linearly with the batch) or "adaptive" (sqrt); `implied`, keyword
 # arguments the name implies; `fused` / `foreach`, torch's kernels for it; `hidden_only`, an
-# optimizer for hidden weight matrices (AdamW takes the rest).
+# optimizer for hidden weight matrices (AdamW takes the rest); `fsdp = False`, an optimizer that
+# reads whole-tensor norms on the host, which FSDP2's sharded DTensors do not support.
 # --------------------------------------------------------------------------------------------
 
 OPTIMIZERS = Registry("optimizer.name")
@@ -164,7 +165,12 @@ OPTIMIZERS.add(
 )
 OPTIMIZERS.add("lion", "regimen.optim.lion:Lion", "Lion (sign of an interpolated momentum)", keys=frozenset({"betas"}), family=_ADAPTIVE)
 OPTIMIZERS.add(
-    "lamb", "regimen.optim.lamb:LAMB", "LAMB (layer-wise trust ratio on Adam)", keys=frozenset({"betas", "eps"}), family=_ADAPTIVE
+    "lamb",
+    "regimen.optim.lamb:LAMB",
+    "LAMB (layer-wise trust ratio on Adam)",
+    keys=frozenset({"betas", "eps"}),
+    family=_ADAPTIVE,
+    fsdp=False,
 )
 OPTIMIZERS.add(
     "lars",

@@ -165,6 +165,9 @@ def check_strategy_changes(run_dir: Path, resume: str, strategy: Strategy, allow
         return {}
     new = strategy.flat()
     changes = {k: (saved.get(k), new.get(k)) for k in sorted(saved.keys() | new.keys()) if not same_value(saved.get(k), new.get(k))}
+    # `batch.micro = "auto"` was resolved to a number when the run started, and stays that number.
+    if isinstance(changes.get("batch.micro", (None, None))[0], int) and new.get("batch.micro") == "auto":
+        del changes["batch.micro"]
     unsafe = [k for k in changes if not safe_to_change(k)]
     if unsafe and not allow_change:
         listed = ", ".join(f"{k} ({_show(changes[k][0])} -> {_show(changes[k][1])})" for k in unsafe[:4])

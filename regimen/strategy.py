@@ -276,12 +276,13 @@ class BatchConfig:
 
     `size` is the global batch of `fixed`, the final size of `ramp` and the starting size of
     `adaptive`. `micro` is the largest micro-batch one rank runs at once (gradient accumulation
-    covers the rest); None means the whole rank share in one go.
+    covers the rest); None means the whole rank share in one go; "auto" the largest that fits
+    in the memory of a device (chosen by the planner when the run starts, saved as a number).
     """
 
     schedule: str = "fixed"  # a name of regimen.registry.BATCH_SCHEDULES
     size: int = 32
-    micro: int | None = None
+    micro: int | Literal["auto"] | None = None
     # random: uniform over multiples of the rounding unit in [min, max], or `choices` / `probs`.
     # adaptive: the clip range of the batch.
     min: int | None = None
@@ -301,7 +302,7 @@ class BatchConfig:
         if self.schedule not in BATCH_SCHEDULES:
             _fail("batch", "schedule", self.schedule, "allowed: " + ", ".join(BATCH_SCHEDULES.names()), options=BATCH_SCHEDULES.names())
         _positive("batch", "size", self.size)
-        if self.micro is not None:
+        if isinstance(self.micro, int):
             _positive("batch", "micro", self.micro)
             if self.schedule == "fixed" and self.micro > self.size:
                 _fail("batch", "micro", self.micro, f"must be <= batch.size ({self.size})")
@@ -336,7 +337,7 @@ class BatchConfig:
         _positive("batch", "every", self.every)
         if self.max_growth < 1.0:
             _fail("batch", "max_growth", self.max_growth, "must be >= 1")
-        if self.micro is not None:
+        if isinstance(self.micro, int):
             largest = {"ramp": self.size, "random": self.max or max(self.choices, default=0), "adaptive": self.max}.get(self.schedule)
             if largest and self.micro > largest:
                 _fail("batch", "micro", self.micro, f"must be <= the largest batch of the {self.schedule} schedule ({largest})")
@@ -350,6 +351,12 @@ class BatchConfig:
                 f"{'it' if len(ignored) == 1 else 'them'}",
                 stacklevel=4,
             )
+
+    @property
+    def micro_size(self) -> int | None:
+        """`micro` as the trainer runs it: a number or None, once "auto" is chosen (`regimen.micro`)."""
+        assert self.micro != "auto", "batch.micro = 'auto' is chosen when the run starts (regimen.micro.choose_micro)"
+        return self.micro
 
 
 @dataclass
@@ -406,14 +413,32 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """`[parallel]`: how the model is spread over the ranks torchrun started."""
+    """`[parallel]`: how the model is spread over the ranks, and the memory strategies.
+
+    `activation_checkpointing` recomputes activations in the backward pass instead of keeping
+    them: "block" recomputes the whole of each checkpointed module, "selective" all but its
+    matmul outputs. The modules are the model's `blocks` (the built-in GPT), or those whose
+    class is named in `checkpoint_modules`. `cpu_offload` keeps FSDP2's parameters, gradients
+    and optimizer state in host memory. `memory_gib` is the memory of one device that
+    `batch.micro = "auto"` plans for (default: measured, see `regimen.devices`).
+    """
 
     mode: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     # FSDP2 mixed precision: parameters cast to bf16 for compute, gradients reduced in fp32.
     fsdp_bf16: bool = False
+    activation_checkpointing: Literal["none", "block", "selective"] = "none"
+    checkpoint_modules: list[str] = field(default_factory=list)
+    cpu_offload: bool = False
+    memory_gib: float | None = None
 
     def validate(self) -> None:
-        pass
+        if self.cpu_offload and self.mode != "fsdp":
+            _fail("parallel", "cpu_offload", True, f"offloads FSDP2's shards: needs parallel.mode = 'fsdp', not {self.mode!r}")
+        if self.memory_gib is not None:
+            _positive("parallel", "memory_gib", self.memory_gib)
+        for name in self.checkpoint_modules:
+            if not name.isidentifier():
+                _fail("parallel", "checkpoint_modules", self.checkpoint_modules, "module class names, e.g. ['Block']")
 
 
 @dataclass
@@ -566,6 +591,13 @@ class Strategy:
                 f"lr.schedule = {self.lr.schedule!r} multiplies it: use lr.schedule = 'constant' unless you mean to",
                 stacklevel=3,
             )
+        if self.parallel.mode == "fsdp" and not OPTIMIZERS[self.optimizer.name].meta.get("fsdp", True):
+            _fail(
+                "optimizer",
+                "name",
+                self.optimizer.name,
+                "it reads whole-tensor norms, which FSDP2's shards do not have: use parallel.mode = 'ddp'",
+            )
         # A built-in model needs its kind of data: the GPT token windows, the MLP feature vectors.
         needs = MODELS[self.model.name].meta["data"] if self.model.name in MODELS else "any"
         has = DATA_SOURCES[self.data.kind].meta["kind"]
@@ -622,6 +654,7 @@ SAFE_TO_CHANGE = frozenset(
         "checkpoint.every",
         "checkpoint.every_minutes",
         "checkpoint.keep",
+        "parallel.memory_gib",  # read only to choose batch.micro = "auto" at the start; a resume keeps that choice
     }
 )
 # ... and every observe key but the noise estimator's, which is part of the training state.
@@ -819,6 +852,11 @@ def _coerce(section: str, key: str, value: Any, tp: Any) -> Any:
                 return _coerce(section, key, value, option)
             except UserError as e:
                 errors.append(e)
+        choices = [a for o in options if get_origin(o) is Literal for a in get_args(o)]
+        if choices:  # e.g. `int | Literal["auto"]`: name both forms, not just the first that failed
+            forms = [_KIND.get(o, str(o)) for o in options if o is not type(None) and get_origin(o) is not Literal]
+            nullable = ", or none" if type(None) in options else ""
+            _fail(section, key, value, f"expected {' or '.join(forms)}, {', '.join(map(repr, choices))}{nullable}")
         raise errors[0]
     if origin is Literal:
         allowed = get_args(tp)
@@ -860,6 +898,9 @@ def _coerce(section: str, key: str, value: Any, tp: Any) -> Any:
     if tp is Any:
         return value
     raise AssertionError(f"unsupported annotation {tp!r} for {section}.{key}")
+
+
+_KIND = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 def _fmt(value: Any) -> str:

@@ -224,7 +224,11 @@ class Trainer:
         self.data = task.data
         self.model = task.model.to(self.device)
         self.mode = parallel.resolve_mode(s.parallel.mode, self.dist)
-        self.wrapped = parallel.wrap(self.model, self.mode, self.dist, self.device, s.parallel.fsdp_bf16)
+        if s.batch.micro == "auto":  # a number before anything below depends on it
+            from regimen.micro import choose_micro
+
+            self.strategy = s = choose_micro(s, task, self.mode, self.dist, self.device, self.run_dir)
+        self.wrapped = parallel.wrap(self.model, self.mode, self.dist, self.device, s.parallel)
         if s.train.compile:
             self.wrapped = torch.compile(self.wrapped)  # type: ignore[assignment]
         self.optimizer = build_optimizer(self.model, s.optimizer)
@@ -232,7 +236,7 @@ class Trainer:
         self.order = SampleOrder(len(self.data.train), s.train.seed)
         # Every batch size is a multiple of micro x world, so each rank's share splits evenly.
         # (`full` rounds only to the world size: it should drop as few samples as it can.)
-        self.multiple = self.dist.world_size * (1 if s.batch.schedule == "full" else (s.batch.micro or 1))
+        self.multiple = self.dist.world_size * (1 if s.batch.schedule == "full" else (s.batch.micro_size or 1))
         self.batch_schedule = build_batch_schedule(s.batch, seed=s.train.seed, multiple=self.multiple, dataset_size=len(self.data.train))
         largest, n = self.batch_schedule.largest(), len(self.data.train)
         if largest > n:
@@ -347,7 +351,7 @@ class Trainer:
         ids = self.order.take(self.progress.samples + self.state.data_offset, B)
         share = B // d.world_size
         mine = ids[d.rank * share : (d.rank + 1) * share]
-        sizes = micro_sizes(share, s.batch.micro)
+        sizes = micro_sizes(share, s.batch.micro_size)
         # The small batch of the noise-scale estimate: the first micro-batch, else this rank's
         # share (all-reduced by hand below), else the previous step (single process, one micro).
         noise_small = self.noise is not None and (len(sizes) > 1 or d.enabled)
@@ -421,7 +425,7 @@ class Trainer:
         shares = split_evenly(len(self.eval_ids), d.world_size)
         lo = sum(shares[: d.rank])
         mine = self.eval_ids[lo : lo + shares[d.rank]]
-        chunk = self.strategy.batch.micro or EVAL_CHUNK
+        chunk = self.strategy.batch.micro_size or EVAL_CHUNK
         names = list(self.task.metrics)
         totals = torch.zeros(1 + 2 * len(names), dtype=torch.float64, device=self.device)
         for start in range(0, len(mine), chunk):

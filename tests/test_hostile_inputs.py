@@ -403,6 +403,7 @@ def test_a_run_directory_that_cannot_be_written(corpus: Path, capsys: pytest.Cap
         (["optimizer.name=muon", "optimizer.ns_steps=0"], "optimizer.ns_steps = 0: must be an integer in [1, 100]"),
         (["optimizer.name=sgd", "optimizer.nesterov=true"], "Nesterov momentum needs optimizer.momentum > 0"),
         (["train.seed=-1"], "train.seed = -1: must be an integer in [0, 2^63)"),
+        (["optimizer.name=lamb", "parallel.mode=fsdp"], "FSDP2's shards do not have: use parallel.mode = 'ddp'"),
         (["batch.schedule=ramp", "batch.size=8", "batch.start=4", "batch.span=10", "batch.micro=16"], "batch.micro = 16: must be <="),
         (["data.source=text:"], "give a path: text:PATH"),
         (["model.name=:f"], "package.module:factory"),

@@ -1,0 +1,277 @@
+"""How good are `regimen plan`'s predictions? Memory and step time, predicted against measured.
+
+(a) Memory. For a matrix of configurations (GPT 1M to 100M parameters, context 256, global batch
+8 in one micro-batch per rank; AdamW, Muon, Adafactor, Lion, schedule-free AdamW; 1 process, 2
+processes DDP, 2 processes FSDP2; activation checkpointing none and block) the planner's
+predicted peak per device (parameters, gradients, optimizer state, activations, communication
+buffers; the process's own baseline excluded) against the peak measured by `step_memory`
+(VmHWM over two steps minus the resident set before the model was built, after a throwaway run
+of the same strategy; glibc's mmap threshold at 64 KiB so the resident set follows the live
+tensors; the largest rank). Goal: within 10% on
+every row. Beside it, on the same rows, DeepSpeed's estimator formula for the model states
+(ZeRO-2 `4P + 16P/N` bytes for 1 process and DDP, ZeRO-3 `4 x largest layer + 18P/N` for
+FSDP; P parameters, N devices; mixed-precision Adam, no activations) and the rule of thumb
+"Adam is 4x the model" (16 bytes per parameter, divided by N under FSDP).
+Adafactor does not run under FSDP2 (it reads norms on the host): those rows are left out.
+
+(b) Time. The same rows (without the isolating malloc setting): the planner's predicted step
+time against the median measured step, goal within 15%; then "after --calibrate": every row's
+prediction multiplied by measured / predicted of its model's 1-process, no-checkpointing row
+(what `regimen plan --calibrate` does with its own calibration run), goal within 5% on the
+other rows. Timing: run it on a quiet machine.
+
+(c) `batch.micro = "auto"`: for a GPT of 30M parameters (10M with --quick) and a device memory M
+(`parallel.memory_gib`), the micro-batch auto chooses, and the largest micro-batch whose
+measured peak resident set (default malloc, the whole process) stays within M, found by
+bisection over the divisors of the batch. Goal: auto's choice fits, and is at least 80% of the
+largest that does. On a CPU nothing runs out of memory at M: "fits" is the measured peak.
+
+    python -m benchmarks.plan_accuracy --quick --part memory    # 1M and 10M, AdamW and Muon (a few minutes)
+    python -m benchmarks.plan_accuracy --part memory            # the whole memory matrix (about an hour)
+    python -m benchmarks.plan_accuracy --part time              # timing: on a quiet machine only
+    python -m benchmarks.plan_accuracy --part auto
+    python -m benchmarks --only plan_accuracy --write           # all parts into BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Any
+
+from benchmarks.common import Table, cli, threads
+from benchmarks.step_memory import GPTS, MiB, gpt, measure, planner, predict_peak, predict_step
+
+OPTIMIZERS = ("adamw", "muon", "adafactor", "lion", "schedulefree_adamw")
+LAYOUTS = (("none", 1), ("ddp", 2), ("fsdp", 2))
+CHECKPOINTING = ("none", "block")
+FSDP_UNSUPPORTED = ("adafactor",)
+MEMORY_GOAL, TIME_GOAL, CALIBRATED_GOAL, AUTO_GOAL = 0.10, 0.15, 0.05, 0.80
+
+
+def corpus_source() -> str:
+    """A small text corpus (the standard library's first files): loads at once."""
+    import sysconfig
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.gettempdir()) / "regimen-bench-plan-corpus.txt"
+    if not path.exists():
+        src = Path(sysconfig.get_paths()["stdlib"])
+        path.write_bytes(b"".join(p.read_bytes() for p in sorted(src.glob("*.py"))[:80])[: 2 * MiB])
+    return f"data.source=text:{path}"
+
+
+def overrides(size: str, optimizer: str, mode: str, ckpt: str, extra: list[str] | None = None) -> list[str]:
+    lr = ["lr.schedule=constant"] if optimizer.startswith("schedulefree") else []
+    return [
+        *gpt(size),
+        corpus_source(),
+        f"optimizer.name={optimizer}",
+        *lr,
+        "batch.size=8",
+        f"parallel.mode={mode}",
+        f"parallel.activation_checkpointing={ckpt}",
+        *(extra or []),
+    ]
+
+
+def matrix(quick: bool) -> list[tuple[str, str, str, int, str]]:
+    sizes = ("1M", "10M") if quick else tuple(GPTS)
+    optimizers = ("adamw", "muon") if quick else OPTIMIZERS
+    return [
+        (size, opt, mode, n, ckpt)
+        for size in sizes
+        for opt in optimizers
+        for mode, n in LAYOUTS
+        for ckpt in CHECKPOINTING
+        if not (mode == "fsdp" and opt in FSDP_UNSUPPORTED)
+    ]
+
+
+def deepspeed_bytes(n_params: int, largest_layer: int, mode: str, n: int) -> float:
+    """DeepSpeed's estimator for model states per GPU, without offload (ZeRO-2 / ZeRO-3)."""
+    if mode == "fsdp":
+        return 4 * largest_layer + 18 * n_params / n
+    return 4 * n_params + 16 * n_params / n
+
+
+def rule_of_thumb_bytes(n_params: int, mode: str, n: int) -> float:
+    """ "Adam is 4x the model": 4 x (4 bytes per fp32 parameter), sharded N ways under FSDP."""
+    return 16 * n_params / (n if mode == "fsdp" else 1)
+
+
+def largest_layer(p: Any) -> int:
+    """The largest module's own parameters (DeepSpeed's `largest_layer_params`)."""
+    from torch import nn
+
+    from regimen.trace import fake_mode
+
+    model: nn.Module = p.make_model(fake_mode())
+    return max(sum(q.numel() for q in m.parameters(recurse=False)) for m in model.modules())
+
+
+def _error(predicted: float, measured: float) -> float:
+    return predicted / measured - 1.0
+
+
+def memory_table(quick: bool) -> Table:
+    rows, worst = [], 0.0
+    for size, opt, mode, n, ckpt in matrix(quick):
+        args = overrides(size, opt, mode, ckpt)
+        p = planner(args, n)
+        predicted, _ = predict_peak(p)
+        measured = measure(args, n, steps=2, isolate=True, threads=1)
+        n_params = measured["n_params"]
+        ds = deepspeed_bytes(n_params, largest_layer(p), mode, n)
+        rule = rule_of_thumb_bytes(n_params, mode, n)
+        err = _error(predicted, measured["peak"])
+        worst = max(worst, abs(err))
+        label = f"{size} {opt} {mode if n == 1 else f'{mode} x{n}'}" + (f" ckpt={ckpt}" if ckpt != "none" else "")
+        rows.append(
+            [
+                label,
+                n_params / 1e6,
+                measured["peak"] / MiB,
+                predicted / MiB,
+                err * 100,
+                _error(ds, measured["peak"]) * 100,
+                _error(rule, measured["peak"]) * 100,
+            ]
+        )
+        print(f"  {label}: measured {measured['peak'] / MiB:.1f} MiB, predicted {predicted / MiB:.1f} MiB ({err:+.1%})", file=sys.stderr)
+    met = "met" if worst <= MEMORY_GOAL else "**not met**"
+    return Table(
+        title="Memory: predicted against measured peak per device (CPU)",
+        columns=["configuration", "params M", "measured MiB", "regimen MiB", "regimen err %", "DeepSpeed err %", "4x rule err %"],
+        rows=rows,
+        command="python -m benchmarks.plan_accuracy --part memory" + (" --quick" if quick else ""),
+        fmt={
+            "params M": ".2f",
+            "measured MiB": ".1f",
+            "regimen MiB": ".1f",
+            "regimen err %": "+.1f",
+            "DeepSpeed err %": "+.0f",
+            "4x rule err %": "+.0f",
+        },
+        notes=[
+            "Measured: VmHWM over two steps after the first (which creates the optimizer state) minus the resident set before "
+            "the model was built, after a throwaway run of the same strategy had paid the one-off costs (kernels compiled for "
+            "these shapes, gloo's connections); MALLOC_MMAP_THRESHOLD_=65536; the largest rank; global batch 8 in one "
+            "micro-batch per rank, context 256, float32, 1 thread per process.",
+            "regimen: parameters, gradients and optimizer state counted from the real implementation, activations traced on "
+            "fake tensors, DDP's buckets and FSDP's gathered blocks modelled; the runtime part of `rest` left out.",
+            "DeepSpeed: its estimator's formula for model states (mixed-precision Adam, no activations); 4x rule: 16 bytes "
+            "per parameter. Errors are predicted / measured - 1.",
+            f"Worst regimen error {worst:.1%}: goal <= {MEMORY_GOAL:.0%} on every row {met}.",
+            "CUDA: unmeasured (no GPU on this machine).",
+        ],
+    )
+
+
+def time_table(quick: bool) -> Table:
+    rows: list[list[Any]] = []
+    calibration: dict[tuple[str, str], float] = {}
+    errors, calibrated_errors = [], []
+    for size, opt, mode, n, ckpt in matrix(quick):
+        args = overrides(size, opt, mode, ckpt)
+        p = planner(args, n)
+        predicted = predict_step(p)
+        measured = measure(args, n, steps=3 if quick else 8, isolate=False, threads=max(1, threads() // n))["step_s"]
+        err = _error(predicted, measured)
+        errors.append(abs(err))
+        key = (size, opt)
+        if mode == "none" and ckpt == "none":
+            calibration[key] = measured / predicted
+            cal_err = None
+        else:
+            cal_err = _error(predicted * calibration[key], measured) if key in calibration else None
+            if cal_err is not None:
+                calibrated_errors.append(abs(cal_err))
+        label = f"{size} {opt} {mode if n == 1 else f'{mode} x{n}'}" + (f" ckpt={ckpt}" if ckpt != "none" else "")
+        rows.append([label, measured * 1e3, predicted * 1e3, err * 100, None if cal_err is None else cal_err * 100])
+    worst, worst_cal = max(errors, default=0.0), max(calibrated_errors, default=0.0)
+    return Table(
+        title="Time: predicted against measured step time (CPU)",
+        columns=["configuration", "measured ms", "predicted ms", "error %", "after --calibrate %"],
+        rows=rows,
+        command="python -m benchmarks.plan_accuracy --part time" + (" --quick" if quick else ""),
+        fmt={"measured ms": ".1f", "predicted ms": ".1f", "error %": "+.1f", "after --calibrate %": "+.1f"},
+        notes=[
+            "Measured: the median step after the first, default malloc; 2 processes share the cores (each gets half the threads).",
+            "Predicted: each matmul and attention op timed here at its shapes, other ops at the measured memory bandwidth plus "
+            "a per-op dispatch cost, communication at the loopback TCP bandwidth without overlap.",
+            "After --calibrate: scaled by measured / predicted of the same model's 1-process row without checkpointing "
+            "(blank: that row itself).",
+            f"Worst error {worst:.1%} (goal <= {TIME_GOAL:.0%}: {'met' if worst <= TIME_GOAL else '**not met**'}); after "
+            f"calibration {worst_cal:.1%} (goal <= {CALIBRATED_GOAL:.0%}: {'met' if worst_cal <= CALIBRATED_GOAL else '**not met**'}).",
+        ],
+    )
+
+
+def auto_table(quick: bool) -> Table:
+    from regimen.estimate import micro_choices
+    from regimen.strategy import BatchConfig
+
+    size, batch = ("10M", 32) if quick else ("30M", 64)
+    base = overrides(size, "adamw", "none", "none", [f"batch.size={batch}"])
+    # A device memory that holds the training state and about half the batch's activations.
+    full = measure([*base, "batch.micro=none"], 1, steps=1, isolate=False)
+    smallest = measure([*base, "batch.micro=1"], 1, steps=1, isolate=False)
+    memory = (full["hwm"] + smallest["hwm"]) / 2
+    gib = memory / 2**30
+    auto = measure([*base, "batch.micro=auto", f"parallel.memory_gib={gib:.4f}"], 1, steps=1, isolate=False)
+    fits: dict[int, bool] = {}
+
+    def fit(m: int) -> bool:
+        if m not in fits:
+            fits[m] = measure([*base, f"batch.micro={m}"], 1, steps=1, isolate=False)["hwm"] <= memory
+        return fits[m]
+
+    choices = micro_choices(BatchConfig(size=batch), batch)
+    lo, hi = 0, len(choices) - 1  # bisection: fits is monotone in the micro-batch below the whole share
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fit(choices[mid]) else (lo, mid - 1)
+    largest = choices[lo] if fit(choices[lo]) else 0
+    chosen = int(auto["micro"])
+    ratio = chosen / largest if largest else math.nan
+    ok = auto["hwm"] <= memory and ratio >= AUTO_GOAL
+    return Table(
+        title=f'batch.micro = "auto" on GPT {size}, AdamW, global batch {batch} (CPU)',
+        columns=["device memory MiB", "auto micro", "auto peak MiB", "largest fitting micro", "auto / largest"],
+        rows=[[memory / MiB, chosen, auto["hwm"] / MiB, largest, ratio]],
+        command="python -m benchmarks.plan_accuracy --part auto" + (" --quick" if quick else ""),
+        fmt={"device memory MiB": ".0f", "auto peak MiB": ".0f", "auto / largest": ".2f"},
+        notes=[
+            "Device memory M: halfway between the measured peaks of micro 1 and of the whole batch in one micro-batch; "
+            "peaks are the whole process's VmHWM after the first step, default malloc.",
+            f"Largest fitting: bisection over the divisors of {batch} on the measured peak ({len(fits)} runs).",
+            f"Goal: auto fits and is >= {AUTO_GOAL:.0%} of the largest that does: {'met' if ok else '**not met**'}.",
+        ],
+    )
+
+
+PARTS = {"memory": memory_table, "time": time_table, "auto": auto_table}
+
+
+def run(quick: bool) -> list[Table]:
+    """The parts `$BENCH_PLAN_PARTS` names (default all: the protocol of `python -m benchmarks`); timing needs a quiet machine."""
+    names = os.environ.get("BENCH_PLAN_PARTS", "all")
+    return [fn(quick) for name, fn in PARTS.items() if names == "all" or name in names.split(",")]
+
+
+def main() -> None:
+    """`--part memory|time|auto|all`, then `benchmarks.common.cli`'s `--quick` and `--threads`."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
+    args, rest = parser.parse_known_args()
+    os.environ["BENCH_PLAN_PARTS"] = args.part
+    sys.argv = [sys.argv[0], *rest]
+    cli(run, __doc__)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+"""The devices a plan is for: known accelerators, the memory available here, and this machine's speed.
+
+Known accelerators (`KNOWN`) are a small table of datasheet figures: memory as torch reports it,
+dense bf16 and fp32 peak FLOP/s (fp32 without TF32, torch's default), memory bandwidth and the
+link between devices (NVLink / Infinity Fabric / PCIe, one direction). Add or correct one in a
+TOML file, `~/.config/regimen/devices.toml` or the file `$REGIMEN_DEVICES` names:
+
+    [devices.my-gpu]
+    memory_gib = 48
+    bf16_tflops = 180
+    fp32_tflops = 45
+    memory_bandwidth_gbs = 960
+    interconnect_gbs = 32
+
+Memory available (what `batch.micro = "auto"` plans for, and `regimen plan`'s default):
+- CPU: MemAvailable from /proc/meminfo (what the kernel can hand out without swapping), or the
+  free part of the cgroup's limit (`memory.max - memory.current`, cgroup v2, or v1's
+  `limit_in_bytes - usage_in_bytes`) when that is smaller: a container's limit is what counts;
+- CUDA: the free memory `torch.cuda.mem_get_info` reports.
+`parallel.memory_gib` (train) and `--memory` (plan) override it.
+
+This machine's speed is measured, not looked up: each distinct matmul and attention op of the
+traced step is timed at its own shapes and layout (`time_ops`), elementwise work at the memory
+bandwidth of a large add, and every op pays the dispatch overhead of a tiny one.
+
+Example:
+    >>> lookup("h100-sxm").memory_gib
+    79.1
+    >>> parse_meminfo("MemTotal: 100 kB\\nMemAvailable: 2048 kB\\n")
+    2097152
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import statistics
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from regimen.errors import UserError
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """One kind of device: memory, peak FLOP/s, bandwidths (datasheet figures, or this machine's)."""
+
+    name: str
+    memory_gib: float
+    bf16_tflops: float
+    fp32_tflops: float
+    memory_bandwidth_gbs: float
+    interconnect_gbs: float
+    host_link_gbs: float = 32.0  # host <-> device (PCIe 4.0 x16 one way), what CPU offload pays
+
+
+# Datasheet figures (dense, no sparsity). Memory as torch.cuda.mem_get_info reports the total.
+KNOWN: dict[str, Accelerator] = {
+    a.name: a
+    for a in (
+        Accelerator("a100-40gb", 39.4, 312, 19.5, 1555, 300),
+        Accelerator("a100-80gb", 79.2, 312, 19.5, 2039, 300),
+        Accelerator("h100-sxm", 79.1, 989, 67, 3350, 450, 64),
+        Accelerator("h100-pcie", 79.1, 756, 51, 2000, 64, 64),
+        Accelerator("h200", 139.8, 989, 67, 4800, 450, 64),
+        Accelerator("l4", 22.0, 121, 30, 300, 32),
+        Accelerator("l40s", 44.4, 362, 91.6, 864, 32),
+        Accelerator("mi300x", 191.5, 1307, 163, 5300, 448, 64),
+    )
+}
+
+# Of a datasheet's peak, what eager PyTorch reaches on an accelerator that is not here to be
+# measured (a prediction; `--calibrate` on the device replaces it with a measurement).
+MATMUL_EFFICIENCY = 0.6
+BANDWIDTH_EFFICIENCY = 0.8
+KERNEL_LAUNCH_S = 5e-6
+
+
+def user_devices_path() -> Path:
+    """Where a user's own accelerators are read from: `$REGIMEN_DEVICES`, else ~/.config/regimen/devices.toml."""
+    return Path(os.environ.get("REGIMEN_DEVICES") or Path.home() / ".config" / "regimen" / "devices.toml")
+
+
+def known_devices() -> dict[str, Accelerator]:
+    """The built-in table updated with the user's file (a name there replaces the built-in one)."""
+    table = dict(KNOWN)
+    path = user_devices_path()
+    if not path.is_file():
+        return table
+    try:
+        tree = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"device table {str(path)!r} is not valid TOML: {e}") from None
+    keys = [f.name for f in fields(Accelerator) if f.name != "name"]
+    for name, entry in tree.get("devices", {}).items():
+        if not isinstance(entry, dict) or not set(entry) <= set(keys) or not all(_is_positive(v) for v in entry.values()):
+            raise UserError(f"device table {str(path)!r}: [devices.{name}] takes positive numbers for {', '.join(keys)}")
+        base = table.get(name.lower())
+        values = {k: getattr(base, k) for k in keys} if base else {}
+        values.update(entry)
+        missing = [k for k in keys if k not in values and k != "host_link_gbs"]
+        if missing:
+            raise UserError(f"device table {str(path)!r}: [devices.{name}] needs {', '.join(missing)}")
+        table[name.lower()] = Accelerator(name.lower(), **{k: float(v) for k, v in values.items()})
+    return table
+
+
+def _is_positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+def lookup(name: str) -> Accelerator:
+    """A named accelerator, or a one-line `UserError` listing the known names."""
+    table = known_devices()
+    if name.lower() in table:
+        return table[name.lower()]
+    close = difflib.get_close_matches(name.lower(), list(table), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UserError(f"--device {name!r}: unknown device{hint}; known: cpu, cuda, {', '.join(table)} (add one in {user_devices_path()})")
+
+
+def parse_memory_gib(text: str, where: str = "--memory") -> float:
+    """A memory size in GiB from the command line: a positive finite number, else a `UserError`.
+
+    >>> parse_memory_gib("24")
+    24.0
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise UserError(f"{where} = {text!r}: must be a positive number of GiB, e.g. {where} 24")
+    return value
+
+
+# ---- memory available here -----------------------------------------------------------------
+
+
+def parse_meminfo(text: str) -> int | None:
+    """MemAvailable from the text of /proc/meminfo, in bytes (None when absent)."""
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        raw = path.read_text().strip()
+    except OSError:
+        return None
+    return int(raw) if raw.isdigit() else None  # "max" (no limit) is not a number
+
+
+def cgroup_free(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this cgroup may still allocate under its limit (v2, else v1), or None without a limit."""
+    for limit_file, usage_file in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(root / limit_file), _read_int(root / usage_file)
+        if limit is not None and usage is not None and limit < 2**60:  # v1 says "no limit" with a huge number
+            return max(limit - usage, 0)
+    return None
+
+
+def host_memory_available() -> int:
+    """Bytes of host memory available now: MemAvailable, or the cgroup's free part if smaller."""
+    try:
+        avail = parse_meminfo(Path("/proc/meminfo").read_text())
+    except OSError:
+        avail = None
+    if avail is None:  # not Linux: the physical memory, the best figure at hand
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = cgroup_free()
+    return min(avail, limit) if limit is not None else avail
+
+
+def memory_available(device: Any) -> int:
+    """Bytes free for training on `device` (a torch.device) now: see the module docstring."""
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    return host_memory_available()
+
+
+# ---- this machine's speed ------------------------------------------------------------------
+
+
+@dataclass
+class Speed:
+    """Seconds per op: measured here (`measure`) or predicted from a datasheet (`from_datasheet`)."""
+
+    overhead_s: float  # host time to dispatch one op
+    bandwidth: float  # bytes/s of memory-bound ops
+    flops_per_s: float  # matmul throughput where an op's own timing is missing
+    link: float  # bytes/s between devices
+    host_link: float  # bytes/s host <-> device (CPU offload)
+    measured: bool
+    op_seconds: dict[Any, float] = field(default_factory=dict)  # OpKey -> seconds, timed here
+    module_call_s: float = 0.0  # host time of calling an nn.Module (its hooks machinery)
+
+    def compute_seconds(self, key: Any, flops: float) -> float:
+        """The time of one compute op: its own timing, else its FLOPs at the fallback throughput."""
+        seconds = self.op_seconds.get(key)
+        return seconds if seconds is not None else flops / self.flops_per_s
+
+
+def from_datasheet(acc: Accelerator, bf16: bool, overhead_s: float, module_call_s: float) -> Speed:
+    """Predicted speed of an accelerator that is not here: its peak x the efficiencies above."""
+    peak = (acc.bf16_tflops if bf16 else acc.fp32_tflops) * 1e12
+    return Speed(
+        overhead_s=overhead_s,
+        bandwidth=acc.memory_bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY,
+        flops_per_s=peak * MATMUL_EFFICIENCY,
+        link=acc.interconnect_gbs * 1e9,
+        host_link=acc.host_link_gbs * 1e9,
+        measured=False,
+        module_call_s=module_call_s,
+    )
+
+
+def _median_seconds(fn: Callable[[], Any], sync: Callable[[], None], repeats: int, budget_s: float = 0.5) -> float:
+    fn()  # warm-up: first calls allocate and pick kernels
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def dispatch_overhead() -> tuple[float, float]:
+    """(seconds per tiny op, seconds per nn.Module call) on this host: the fixed cost of eager PyTorch."""
+    import torch
+
+    a = torch.ones(1, requires_grad=True)  # a training forward records each op for autograd
+    n = 200
+
+    def ops() -> None:
+        for _ in range(n):
+            torch.add(a, a)
+
+    module = torch.nn.Identity()
+
+    def calls() -> None:
+        for _ in range(n):
+            module(a)
+
+    per_op = _median_seconds(ops, lambda: None, 7) / n
+    per_call = _median_seconds(calls, lambda: None, 7) / n
+    return per_op, per_call
+
+
+def measure(device: Any, threads: int, compute_ops: list[tuple[Any, float]], link: float, max_bytes: int = 256 * 2**20) -> Speed:
+    """This machine's speed on `device` with `threads` intra-op threads, timing each compute op given.
+
+    `compute_ops` are (`regimen.trace.OpKey`, FLOPs); an op whose tensors exceed `max_bytes` is not run
+    here (it would cost real memory): the fastest throughput measured stands in for it.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    try:
+        overhead, module_call = dispatch_overhead()
+        bandwidth = _bandwidth(device, sync)
+        op_seconds = {key: _time_op(key, device, sync) for key, _ in compute_ops if _operand_bytes(key) <= max_bytes}
+        flops_of = dict(compute_ops)
+        best = max((flops_of[k] / max(t, 1e-9) for k, t in op_seconds.items()), default=0.0)
+        if best == 0.0:  # nothing small enough was traced: a square matmul stands for them all
+            x = torch.randn(1024, 1024, device=device)
+            best = 2 * 1024**3 / _median_seconds(lambda: x @ x, sync, 5)
+    finally:
+        torch.set_num_threads(before)
+    return Speed(overhead, bandwidth, best, link, link, True, op_seconds, module_call)
+
+
+def _bandwidth(device: Any, sync: Callable[[], None]) -> float:
+    """Bytes/s of a large elementwise op (two reads, one write), what memory-bound ops move at."""
+    import torch
+
+    big = torch.ones(2**23, device=device)
+    out = torch.empty_like(big)
+    return 3 * big.numel() * 4 / _median_seconds(lambda: torch.add(big, big, out=out), sync, 7)
+
+
+def _time_op(key: Any, device: Any, sync: Callable[[], None]) -> float:
+    """Median seconds of one traced compute op, rerun on real tensors of its shapes here."""
+    args, kwargs = _materialize(key, device)
+    return _median_seconds(lambda: key.op(*args, **kwargs), sync, 5)
+
+
+def _operand_bytes(key: Any) -> int:
+    return sum(_spec_bytes(s) for s in _specs(key.args))
+
+
+def _specs(tree: Any) -> list[Any]:
+    from regimen.trace import TensorSpec
+
+    if isinstance(tree, TensorSpec):
+        return [tree]
+    if isinstance(tree, tuple):
+        return [s for item in tree for s in _specs(item)]
+    return []
+
+
+def _spec_bytes(spec: Any) -> int:
+    import torch
+
+    extent = 1 + sum((n - 1) * s for n, s in zip(spec.shape, spec.stride))
+    return extent * torch.empty((), dtype=spec.dtype).element_size()
+
+
+def _materialize(key: Any, device: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Real tensors of the traced shapes, strides and dtypes (random values) for timing an op."""
+    import torch
+
+    from regimen.trace import TensorSpec
+
+    def build(item: Any) -> Any:
+        if isinstance(item, TensorSpec):
+            t = torch.empty_strided(item.shape, item.stride, dtype=item.dtype, device=device)
+            return t.normal_() if t.is_floating_point() else t.zero_()
+        if isinstance(item, tuple):
+            return tuple(build(x) for x in item)
+        return item
+
+    args = tuple(build(a) for a in key.args)
+    kwargs = {k: build(v) for k, v in key.kwargs}
+    return args, kwargs
+
+
+def loopback_bandwidth(nbytes: int = 64 * 2**20) -> float:
+    """Bytes/s through a local TCP connection: the link between CPU processes (gloo's transport)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    payload = bytes(nbytes)
+
+    def send() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(payload)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    received = 0
+    with socket.create_connection(server.getsockname()) as client:
+        t0 = time.perf_counter()
+        while received < nbytes:
+            chunk = client.recv(1 << 20)
+            if not chunk:
+                break
+            received += len(chunk)
+        seconds = time.perf_counter() - t0
+    sender.join()
+    server.close()
+    return received / max(seconds, 1e-9)

@@ -1,0 +1,484 @@
+"""Memory and time of a training step, per device, from traced steps and a machine's speed.
+
+The model of memory (per device, at the step's peak):
+
+    peak = parameters + optimizer state                       (exact: counted from the real tensors)
+         + max over the step's phases of (gradients live + activations live)   (traced)
+         + the rest: communication buffers (DDP's gradient buckets, FSDP's gathered blocks)
+                     and the runtime (allocator, process), stated per device kind
+
+The phases are the first micro-batch of a step (no gradients yet), a later one (gradients
+accumulating: present when a rank's share takes several micro-batches) and the update (clip
+and optimizer step, with every gradient and the optimizer's temporaries). Each is traced once,
+on fake tensors (`regimen.trace`): the model's own forward and backward under the strategy's
+autocast and activation checkpointing, with regimen's own optimizer built over the fake
+parameters, so every byte of state comes from the real implementation (Adam's two moments,
+Muon's momentum with AdamW's for the rest, Adafactor's factored rows and columns, schedule-free's
+z, Lion's one buffer, the step counters). Two micro-batch sizes are traced and everything in
+between or below is interpolated linearly (activations are linear in the batch).
+
+FSDP2 (`fully_shard` per block and on the root) keeps 1/N of each parameter, gradient and
+same-shaped optimizer state tensor per device (dim-0 chunks, the first rank's being the
+largest), gathers the root's parameters for the whole forward and backward and at most two
+blocks at a time (the one computing and the one prefetched), and holds one block's unsharded
+gradients while it reduce-scatters them. Micro-batches before the last accumulate unsharded
+gradients (no reduce-scatter until the step's last backward). With CPU offload the shards live
+in host memory and the update runs there.
+
+The model of time (per step): each traced op costs its dispatch overhead plus, for matmuls and
+attention, its own time measured on this machine at its shapes (or its FLOPs at a datasheet's
+peak for an accelerator that is not here), and for every other op the bytes it moves at the
+measured memory bandwidth; plus the step's communication at the link's bandwidth (DDP: an
+all-reduce of the gradients; FSDP: two all-gathers of the parameters and a reduce-scatter of the
+gradients), counted without overlap.
+
+Example:
+    >>> fits(Footprint(params=1, grads=1, optimizer=2, activations=4, buffers=0, runtime=0), memory=8)
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from regimen import parallel
+from regimen.devices import Speed
+from regimen.optim import build_optimizer
+from regimen.strategy import BatchConfig, Strategy
+from regimen.task import Task
+from regimen.trace import Recorder, Tally, fake_mode
+
+# The share of the memory `batch.micro = "auto"` leaves free: the model's error and the
+# allocator's fragmentation (see docs/plan.md).
+AUTO_HEADROOM = 0.10
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a step runs: parallel mode over `devices`, activation checkpointing, offload, micro-batch."""
+
+    mode: str
+    devices: int
+    checkpointing: str
+    offload: bool
+    micro: int
+
+    def label(self) -> str:
+        parts = [self.mode if self.devices == 1 else f"{self.mode} x{self.devices}"]
+        if self.checkpointing != "none":
+            parts.append(f"ckpt={self.checkpointing}")
+        if self.offload:
+            parts.append("offload")
+        return " ".join(parts)
+
+
+@dataclass
+class Footprint:
+    """Bytes per device at the peak of a step, by what holds them."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    buffers: float  # communication buffers: DDP's gradient buckets, FSDP's gathered parameters
+    runtime: float  # allocator and process overhead
+    host: float = 0.0  # kept in host memory instead (CPU offload to an accelerator)
+
+    @property
+    def rest(self) -> float:
+        return self.buffers + self.runtime
+
+    @property
+    def peak(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations + self.rest
+
+
+def fits(footprint: Footprint, memory: float, headroom: float = 0.0) -> bool:
+    """Whether the peak fits in `memory` bytes, keeping `headroom` (a fraction) free."""
+    return footprint.peak <= memory * (1.0 - headroom)
+
+
+# ---- exact counts of the persistent tensors ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamState:
+    """One parameter: its shape, element sizes, its optimizer state tensors, and its FSDP unit."""
+
+    shape: tuple[int, ...]
+    element_size: int
+    grad_element_size: int
+    states: tuple[tuple[tuple[int, ...], int], ...]  # (shape, bytes) of each state tensor
+    unit: int  # index of its block in `model.blocks`, or -1 for the root
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.element_size
+
+
+def first_chunk(nbytes: int, shape: tuple[int, ...], n: int) -> int:
+    """Bytes of the first (largest) of `n` dim-0 chunks of a tensor of `shape` (FSDP2's sharding, torch.chunk's split).
+
+    >>> first_chunk(10 * 4, (10,), 4)  # chunks of 3, 3, 3 and 1 elements
+    12
+    """
+    if not shape or shape[0] == 0:
+        return nbytes
+    return nbytes // shape[0] * math.ceil(shape[0] / n)
+
+
+@dataclass
+class StateCount:
+    """Exact bytes of parameters, gradients and optimizer state, one entry per distinct parameter."""
+
+    params: list[ParamState]
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(p.nbytes for p in self.params)
+
+    @property
+    def grad_bytes(self) -> int:
+        return sum(math.prod(p.shape) * p.grad_element_size for p in self.params)
+
+    @property
+    def optimizer_bytes(self) -> int:
+        return sum(b for p in self.params for _, b in p.states)
+
+    def sharded(self, n: int) -> tuple[int, int, int]:
+        """(params, grads, optimizer) bytes on the most loaded of `n` FSDP2 ranks.
+
+        A state tensor shaped like its parameter is sharded with it; any other (a step counter,
+        a factored statistic) is replicated.
+        """
+        params = sum(first_chunk(p.nbytes, p.shape, n) for p in self.params)
+        grads = sum(first_chunk(math.prod(p.shape) * p.grad_element_size, p.shape, n) for p in self.params)
+        optim = sum(first_chunk(b, s, n) if s == p.shape else b for p in self.params for s, b in p.states)
+        return params, grads, optim
+
+    def unit_bytes(self, element_size: int | None = None) -> tuple[int, int]:
+        """(root's unsharded bytes, the largest block's), at `element_size` if given (FSDP's compute dtype)."""
+        units: dict[int, int] = {}
+        for p in self.params:
+            size = element_size or p.element_size
+            units[p.unit] = units.get(p.unit, 0) + math.prod(p.shape) * size
+        root = units.pop(-1, 0)
+        return root, max(units.values(), default=0)
+
+
+def count_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> StateCount:
+    """The persistent tensors of `model` and `optimizer` (after a step, so the state exists)."""
+    blocks = getattr(model, "blocks", None)
+    unit_of: dict[int, int] = {}
+    if isinstance(blocks, nn.ModuleList):
+        for i, block in enumerate(blocks):
+            unit_of.update({id(p): i for p in block.parameters()})
+    state = optimizer.state
+    out = []
+    for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
+        tensors = [v for v in state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+        states = tuple((tuple(v.shape), v.untyped_storage().nbytes()) for v in tensors)
+        grad_size = p.grad.element_size() if p.grad is not None else p.element_size()
+        out.append(ParamState(tuple(p.shape), p.element_size(), grad_size, states, unit_of.get(id(p), -1)))
+    return StateCount(out)
+
+
+# ---- traced phases --------------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    """A traced stretch of a step: gradients and other transient bytes at its peak, and its ops."""
+
+    grads: float
+    activations: float
+    tally: Tally
+
+    @property
+    def transient(self) -> float:
+        return self.grads + self.activations
+
+
+@dataclass
+class PolicyTrace:
+    """Every phase of a step under one activation-checkpointing policy, at the traced micro-batches."""
+
+    policy: str
+    state: StateCount
+    first: dict[int, Phase]
+    later: dict[int, Phase]
+    update: Phase
+
+
+def _interpolate(phases: dict[int, Phase], m: int) -> tuple[float, float]:
+    """(grads, activations) at micro-batch `m`, linear through the traced sizes."""
+    sizes = sorted(phases)
+    if len(sizes) == 1:
+        p = phases[sizes[0]]
+        return p.grads, p.activations
+    lo, hi = sizes[0], sizes[-1]
+    w = (m - lo) / (hi - lo)
+    a, b = phases[lo], phases[hi]
+    return a.grads + w * (b.grads - a.grads), max(0.0, a.activations + w * (b.activations - a.activations))
+
+
+def trace_policy(
+    make_model: Callable[[Any], nn.Module],
+    task: Task,
+    strategy: Strategy,
+    policy: str,
+    sizes: list[int],
+) -> PolicyTrace:
+    """Trace a step's phases under `policy` at each micro-batch size in `sizes` (fake tensors).
+
+    `make_model(mode)` returns a fresh model of fake tensors of that `FakeTensorMode` (it is
+    checkpointed here, in place): built under the mode, or `regimen.trace.fake_copy`.
+    """
+    s = strategy
+    mode = fake_mode()
+    model = make_model(mode)
+    parallel.checkpoint_activations(model, policy, s.parallel.checkpoint_modules)
+    assert task.data is not None, "tracing needs the task's data (a template batch)"
+    samples = task.data.train
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if s.train.precision == "bf16" else None
+    recorder = Recorder()
+    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: recorder.hold([p.grad], "grads")) for p in params]
+    max_norm = s.train.clip if s.train.clip > 0 else math.inf
+
+    def micro(m: int) -> None:
+        batch = _fake_batch(samples.gather(np.arange(m) % len(samples)), mode)
+        recorder.hold(_tensors(batch), "activations")
+        with autocast if autocast is not None else contextlib.nullcontext():
+            loss, _, _ = task.forward(batch, model)
+        (loss * 0.5).backward()  # the trainer scales each micro-batch's loss by its share
+
+    def update(optimizer: torch.optim.Optimizer) -> None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    recorder.hold(params, "params")
+    # The fake mode first, the recorder above it: the recorder sees each op before the fake
+    # mode computes its output's shape.
+    try:
+        with mode:
+            optimizer = build_optimizer(model, s.optimizer)
+            with recorder, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                micro(sizes[0])  # a first step creates the optimizer's state
+                update(optimizer)
+                recorder.hold([v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)], "optimizer")
+                first, later = {}, {}
+                for m in sizes:
+                    first[m] = _phase(recorder, functools.partial(micro, m))
+                    later[m] = _phase(recorder, functools.partial(micro, m))
+                    if m != sizes[-1]:
+                        optimizer.zero_grad(set_to_none=True)
+                # The update of a step that ended with the largest micro-batch (gradients present).
+                upd = _phase(recorder, lambda: update(optimizer))
+                micro(sizes[0])  # gradients again, for the exact count below
+                state = count_state(model, optimizer)
+    finally:
+        for h in hooks:
+            h.remove()
+    return PolicyTrace(policy, state, first, later, upd)
+
+
+def _phase(recorder: Recorder, fn: Callable[[], None]) -> Phase:
+    base_params, base_optim = recorder.live["params"], recorder.live["optimizer"]
+    recorder.reset()
+    fn()
+    peak = recorder.peak
+    # Parameters and optimizer state are counted exactly elsewhere; anything else is transient.
+    extra = (peak["params"] - base_params) + (peak["optimizer"] - base_optim)
+    tally = recorder.tally
+    recorder.reset()  # what runs next is not this phase's
+    return Phase(float(peak["grads"]), float(peak["activations"] + extra), tally)
+
+
+def _fake_batch(batch: Any, mode: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return mode.from_tensor(batch)
+    if isinstance(batch, dict):
+        return {k: _fake_batch(v, mode) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_fake_batch(v, mode) for v in batch)
+    return batch
+
+
+def _tensors(batch: Any) -> list[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, dict):
+        return [t for v in batch.values() for t in _tensors(v)]
+    if isinstance(batch, (tuple, list)):
+        return [t for v in batch for t in _tensors(v)]
+    return []
+
+
+# ---- one layout: memory and time ------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """What a device holds besides the training tensors: a fixed part and a share of the peak."""
+
+    fixed: float
+    fraction: float
+    what: str
+
+
+def footprint(trace: PolicyTrace, layout: Layout, share: int, runtime: Runtime, host_is_device: bool, fsdp_bf16: bool = False) -> Footprint:
+    """Bytes per device at the peak of a step of `layout`, a rank's share of the batch being `share`."""
+    n, m = layout.devices, layout.micro
+    several = math.ceil(share / m) >= 2
+    st = trace.state
+    g1, a1 = _interpolate(trace.first, m)
+    g2, a2 = _interpolate(trace.later, m) if several else (0.0, 0.0)
+    upd = trace.update
+    if layout.mode == "fsdp":
+        params, grads, optim = st.sharded(n)
+        root, block = st.unit_bytes(2 if fsdp_bf16 else None)
+        gathered = root + 2 * block + st.unit_bytes()[1]  # the root, two blocks, one block's unsharded gradients
+        phases = [(g1 / n, a1), (g2, a2) if several else (0.0, 0.0), (grads, upd.activations / n)]
+        if layout.offload and not host_is_device:
+            host = params + optim + grads
+            phases[-1] = (0.0, 0.0)  # the update runs in host memory
+            fp = Footprint(0.0, 0.0, 0.0, 0.0, gathered, 0.0, host)
+            g, a = max(phases, key=sum)
+            fp.grads, fp.activations = g, a
+        else:
+            g, a = max(phases, key=sum)
+            fp = Footprint(params, g, optim, a, gathered, 0.0)
+    else:
+        phases = [(g1, a1), (g2, a2), (upd.grads, upd.activations)]
+        g, a = max(phases, key=sum)
+        buckets = st.grad_bytes if layout.mode == "ddp" else 0.0
+        fp = Footprint(st.param_bytes, g, st.optimizer_bytes, a, buckets, 0.0)
+    fp.runtime = runtime.fixed + runtime.fraction * fp.peak
+    return fp
+
+
+def phase_seconds(tally: Tally, speed: Speed, host_is_device: bool) -> float:
+    """Seconds of a traced stretch on a device of `speed` (see the module docstring)."""
+    compute = sum(n * speed.compute_seconds(k, tally.flops_of[k]) for k, n in tally.compute.items())
+    device = compute + tally.memory_bytes / speed.bandwidth
+    host = tally.ops * speed.overhead_s + tally.module_calls * speed.module_call_s
+    # A CPU dispatches and computes on the same threads; an accelerator overlaps them.
+    return device + host if host_is_device else max(device, host)
+
+
+@dataclass
+class StepTime:
+    """Seconds of one step: compute (traced ops) and communication."""
+
+    compute: float
+    communication: float
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.communication
+
+
+def step_time(
+    trace: PolicyTrace, layout: Layout, share: float, speed: Speed, host_is_device: bool, fsdp_bf16: bool = False, scale: float = 1.0
+) -> StepTime:
+    """Seconds per step of `layout` with a rank share of `share` samples; `scale` corrects compute (calibration)."""
+    n, m = layout.devices, layout.micro
+    k = max(1, math.ceil(share / m))
+
+    def at(phases: dict[int, Phase], size: float) -> float:
+        sizes = sorted(phases)
+        times = [phase_seconds(phases[s].tally, speed, host_is_device) for s in sizes]
+        if len(sizes) == 1:
+            return times[0] * size / sizes[0]
+        return times[0] + (size - sizes[0]) * (times[-1] - times[0]) / (sizes[-1] - sizes[0])
+
+    last = share - (k - 1) * m  # the last micro-batch may be smaller
+    micro_time = at(trace.first, m if k > 1 else share) + max(k - 2, 0) * at(trace.later, m) + (at(trace.later, last) if k > 1 else 0.0)
+    update = phase_seconds(trace.update.tally, speed, host_is_device)
+    st = trace.state
+    comm = 0.0
+    if layout.mode == "fsdp":
+        update = update / n  # each rank updates its shards
+        compute_bytes = st.unit_bytes(2 if fsdp_bf16 else None)
+        full_params = compute_bytes[0] + sum(math.prod(p.shape) * (2 if fsdp_bf16 else p.element_size) for p in st.params if p.unit >= 0)
+        comm = (n - 1) / n * (2 * full_params + st.grad_bytes) / speed.link
+        if layout.offload and not host_is_device:
+            params, grads, _ = st.sharded(n)
+            comm += (2 * params + grads) / speed.host_link
+    elif layout.mode == "ddp":
+        comm = 2 * (n - 1) / n * st.grad_bytes / speed.link
+    return StepTime((micro_time + update) * scale, comm)
+
+
+# ---- batch sizes -------------------------------------------------------------------------
+
+
+def largest_batch(cfg: BatchConfig, dataset_size: int) -> int:
+    """The largest global batch the `[batch]` schedule reaches (what the memory must hold).
+
+    >>> largest_batch(BatchConfig(schedule="random", min=8, max=64), 1000)
+    64
+    """
+    if cfg.schedule == "full":
+        return dataset_size
+    if cfg.schedule == "random":
+        return max(cfg.choices) if cfg.choices else int(cfg.max or cfg.size)
+    if cfg.schedule == "ramp":
+        return max([cfg.size, cfg.start or 0, *(int(st["size"]) for st in cfg.stages)])
+    if cfg.schedule == "adaptive":
+        return cfg.max if cfg.max is not None else max(min(64 * cfg.size, dataset_size), cfg.min or cfg.size)
+    return cfg.size
+
+
+def micro_choices(cfg: BatchConfig, share: int) -> list[int]:
+    """Micro-batch sizes worth considering for a rank share of `share`: divisors for a fixed batch
+    (the global batch stays as given), powers of two and the share itself otherwise.
+
+    >>> micro_choices(BatchConfig(size=12), 12)
+    [1, 2, 3, 4, 6, 12]
+    """
+    if cfg.schedule == "fixed":
+        return [d for d in range(1, share + 1) if share % d == 0]
+    return sorted({2**i for i in range(share.bit_length()) if 2**i <= share} | {share})
+
+
+def traced_sizes(share: int) -> list[int]:
+    """The two micro-batch sizes traced for a rank share of `share` (one when the share is 1)."""
+    return sorted({max(1, share // 2), share})
+
+
+@dataclass
+class Choice:
+    """The largest micro-batch that fits, with its footprint, or None when even 1 does not."""
+
+    micro: int | None
+    footprint: Footprint
+
+
+def largest_fitting(
+    trace: PolicyTrace, layout: Layout, cfg: BatchConfig, share: int, memory: float, runtime: Runtime, host_is_device: bool, headroom: float
+) -> Choice:
+    """The largest micro-batch of `micro_choices` whose footprint fits in `memory` bytes."""
+    best: Choice | None = None
+    # Every size is tried: the whole share in one micro-batch accumulates no gradients, so it
+    # can need less than half of it in two.
+    for m in micro_choices(cfg, share):
+        fp = footprint(trace, replace(layout, micro=m), share, runtime, host_is_device)
+        if fits(fp, memory, headroom):
+            best = Choice(m, fp)
+    if best is None:
+        return Choice(None, footprint(trace, replace(layout, micro=1), share, runtime, host_is_device))
+    return best

@@ -1,0 +1,234 @@
+"""`regimen plan`: exact state counts, traced activations, the table's decisions, and its bad inputs.
+
+- The planner counts parameters, gradients and optimizer state from the optimizer's own state
+  built over fake tensors; after a real step of the same strategy the real tensors hold exactly
+  as many bytes, for every registered optimizer.
+- Activations traced on fake tensors equal what the same step holds on real tensors (the same
+  ops run; only the data is missing).
+- Every row says it fits exactly when its peak is within the memory; each alternative runs the
+  largest micro-batch that fits; the recommendation is the fastest row that fits.
+- `--apply` writes a strategy that `regimen train` runs; bad input is one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from regimen import devices, estimate
+from regimen.errors import UserError
+from regimen.optim import NAMES, build_optimizer
+from regimen.plan import Planner, resolve_target
+from regimen.strategy import Strategy
+from regimen.task import build_task
+from regimen.trace import Recorder, fake_copy
+from tests.conftest import TINY_GPT, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = [*TINY_GPT, "model.n_layer=2", "batch.size=8", "train.steps=20", "train.device=cpu"]
+
+
+def _strategy(corpus: Path, *extra: str) -> Strategy:
+    return Strategy.load(None, [*SMALL, f"data.source=text:{corpus}", *extra]).resolve()
+
+
+def _optimizer_args(name: str) -> list[str]:
+    full = ["batch.schedule=full"] if name == "gd" else []  # gd is full-batch descent
+    constant = ["lr.schedule=constant"] if name.startswith("schedulefree") else []  # it replaces the schedule
+    return [f"optimizer.name={name}", *full, *constant]
+
+
+def _real_step(s: Strategy) -> tuple[int, int, int]:
+    """(param, grad, optimizer-state bytes) of the real tensors after one real step of `s`."""
+    task = build_task(s)
+    model = task.model
+    optimizer = build_optimizer(model, s.optimizer)
+    assert task.data is not None
+    batch = task.data.train.gather(torch.arange(4).numpy())
+    loss, _, _ = task.forward(batch, model)
+    loss.backward()
+    params = list({id(p): p for p in model.parameters()}.values())
+    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+    optimizer.step()
+    state = {id(v.untyped_storage()): v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)}
+    return (
+        sum(p.untyped_storage().nbytes() for p in params),
+        sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None),
+        sum(v.untyped_storage().nbytes() for v in state.values()),
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_counts_equal_the_real_tensors(name: str, corpus: Path) -> None:
+    s = _strategy(corpus, *_optimizer_args(name))
+    task = build_task(s)
+    trace = estimate.trace_policy(lambda mode: fake_copy(task.model, mode), task, s, "none", [2, 4])
+    counted = trace.state
+    params, grads, state = _real_step(s)
+    assert (counted.param_bytes, counted.grad_bytes, counted.optimizer_bytes) == (params, grads, state)
+
+
+def test_state_counts_differ_as_the_algorithms_do(corpus: Path) -> None:
+    """Not 0 == 0: Adam keeps two moments, Lion and momentum one, SGD none, Adafactor factored rows and columns."""
+    counted = {}
+    for name in ("sgd", "momentum", "lion", "adamw", "adafactor", "schedulefree_adamw"):
+        s = _strategy(corpus, *_optimizer_args(name))
+        task = build_task(s)
+        counted[name] = estimate.trace_policy(lambda mode, t=task: fake_copy(t.model, mode), task, s, "none", [2]).state
+    p = counted["sgd"].param_bytes
+    assert counted["sgd"].optimizer_bytes == 0
+    assert counted["momentum"].optimizer_bytes == counted["lion"].optimizer_bytes == p
+    assert 2 * p < counted["adamw"].optimizer_bytes < 2 * p + 1024  # two moments and a 4-byte step per tensor
+    assert counted["schedulefree_adamw"].optimizer_bytes == 2 * p  # z and the second moment
+    assert 0 < counted["adafactor"].optimizer_bytes < p / 4
+
+
+def test_traced_activations_equal_a_real_step(corpus: Path) -> None:
+    """The same forward and backward on real tensors peaks at the very bytes the fake trace predicted."""
+    s = _strategy(corpus, "optimizer.name=adamw")
+    task = build_task(s)
+    trace = estimate.trace_policy(lambda mode: fake_copy(task.model, mode), task, s, "none", [4, 8])
+    model = task.model
+    params = list({id(p): p for p in model.parameters()}.values())
+    recorder = Recorder()
+    recorder.hold(params, "params")
+    for p in params:
+        p.register_post_accumulate_grad_hook(lambda p: recorder.hold([p.grad], "grads"))
+    assert task.data is not None
+    batch = task.data.train.gather(torch.arange(8).numpy())
+    with recorder:
+        recorder.hold([*batch], "activations")
+        loss, _, _ = task.forward(batch, model)
+        (loss * 0.5).backward()
+    real = recorder.peak
+    assert (real["grads"], real["activations"]) == (trace.first[8].grads, trace.first[8].activations)
+    assert trace.first[8].activations > trace.first[4].activations > 0
+
+
+def test_fsdp_shards_follow_torch_chunk() -> None:
+    """FSDP2 shards dim 0 as torch.chunk does: the first rank holds ceil(rows / n) rows."""
+    p = estimate.ParamState((10, 3), 4, 4, (((10, 3), 120), ((), 4)), unit=0)
+    count = estimate.StateCount([p])
+    assert count.sharded(4) == (3 * 3 * 4, 3 * 3 * 4, 3 * 3 * 4 + 4)  # chunk(10, 4) -> 3, 3, 3, 1; the step is replicated
+    assert [len(c) for c in torch.arange(10).chunk(4)] == [3, 3, 3, 1]
+
+
+# ---- the table's decisions -------------------------------------------------------------------------
+
+
+def test_every_row_fits_exactly_when_its_peak_does(corpus: Path) -> None:
+    s = _strategy(corpus, "optimizer.name=adamw", "batch.size=16", "model.context=64")
+    planner = Planner(s, resolve_target("h100-sxm", 2, None))
+    first = planner.plan()
+    plain = next(r for r in first.rows if r.layout.mode == "ddp" and r.layout.checkpointing == "none")
+    # Memory for ddp without checkpointing at micro 2 but not 4: the planner must pick 2 there.
+    trace = planner.trace("none")
+    at = {m: estimate.footprint(trace, replace(plain.layout, micro=m), 8, planner.runtime(), False).peak for m in (2, 4)}
+    assert at[2] < at[4]
+    planner.target.memory = (at[2] + at[4]) / 2
+    plan = planner.plan()
+    for row in plan.rows:
+        assert row.fits == (row.footprint.peak <= planner.target.memory), row.layout
+    ddp = next(r for r in plan.rows if r.layout.mode == "ddp" and r.layout.checkpointing == "none" and not r.given)
+    assert ddp.layout.micro == 2
+    assert plan.best is not None and plan.best.fits
+    assert plan.best.step.total == min(r.step.total for r in plan.rows if r.fits)
+    assert {r.layout.mode for r in plan.rows} == {"ddp", "fsdp"}
+    assert any(r.layout.offload for r in plan.rows) and any(r.layout.checkpointing == "selective" for r in plan.rows)
+
+
+def test_device_table_reads_the_users_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    table = tmp_path / "devices.toml"
+    table.write_text(
+        "[devices.my-gpu]\nmemory_gib = 48\nbf16_tflops = 180\nfp32_tflops = 45\nmemory_bandwidth_gbs = 960\ninterconnect_gbs = 32\n"
+    )
+    monkeypatch.setenv("REGIMEN_DEVICES", str(table))
+    assert devices.lookup("My-GPU").memory_gib == 48
+    assert devices.lookup("h100-sxm").bf16_tflops == 989  # the built-in ones stay
+    table.write_text("[devices.h100-sxm]\nmemory_gib = 94\n")  # corrects one figure of a known device
+    assert devices.lookup("h100-sxm").memory_gib == 94 and devices.lookup("h100-sxm").bf16_tflops == 989
+    table.write_text("[devices.bad]\nmemory_gib = -1\n")
+    with pytest.raises(UserError, match=r"\[devices.bad\] takes positive numbers"):
+        devices.lookup("bad")
+
+
+def test_memory_available_reads_meminfo_and_cgroups(tmp_path: Path) -> None:
+    assert devices.parse_meminfo("MemTotal: 8 kB\nMemAvailable:  1024 kB\n") == 2**20
+    assert devices.parse_meminfo("MemTotal: 8 kB\n") is None
+    (tmp_path / "memory.max").write_text("1000\n")
+    (tmp_path / "memory.current").write_text("400\n")
+    assert devices.cgroup_free(tmp_path) == 600
+    (tmp_path / "memory.max").write_text("max\n")  # cgroup v2 without a limit
+    assert devices.cgroup_free(tmp_path) is None
+    assert 0 < devices.host_memory_available() <= os_total()
+
+
+def os_total() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# ---- the command --------------------------------------------------------------------------------------
+
+
+def test_apply_writes_a_strategy_that_trains(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "planned.toml"
+    args = [*SMALL, f"data.source=text:{corpus}", "parallel.activation_checkpointing=block", "batch.micro=auto"]
+    planned = run_cli("plan", *args, "--memory", "8", "--apply", str(out))
+    assert planned.returncode == 0, planned.stderr
+    text = planned.stdout
+    assert "layout" in text and "peak" in text and "recommended (*):" in text and f"wrote {out}" in text
+    written = Strategy.load(out)
+    assert isinstance(written.batch.micro, int) and written.batch.micro >= 1
+    trained = run_cli(
+        "train", str(out), "train.steps=2", "observe.report=false", "observe.progress=none", "--run-dir", str(tmp_path / "run")
+    )
+    assert trained.returncode == 0, trained.stderr
+    again = run_cli("plan", *args, "--memory", "8", "--apply", str(out))
+    assert again.returncode == 2 and "the file exists" in again.stderr  # never replaced
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "h100-sxn"], "--device 'h100-sxn': unknown device (did you mean 'h100-sxm'?)"),
+        (["--memory", "-1"], "--memory = '-1': must be a positive number of GiB"),
+        (["--memory", "lots"], "--memory = 'lots': must be a positive number of GiB"),
+        (["--devices", "0"], "--devices = '0': must be a positive integer"),
+        (["--calibrate", "--device", "l4"], "--calibrate runs steps on this machine"),
+        (["model.name=tests.untraceable_model:factory"], "cannot be traced"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, corpus: Path) -> None:
+    done = run_cli("plan", *SMALL, f"data.source=text:{corpus}", *args)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("regimen: error: ") and message in lines[0], done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_without_a_gpu_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="no CUDA device"):
+        resolve_target("cuda", 1, None)
+
+
+def test_memory_is_split_between_cpu_processes() -> None:
+    one, two = resolve_target("cpu", 1, None), resolve_target("cpu", 2, None)
+    assert two.memory == pytest.approx(one.memory / 2, rel=0.05)  # the machine's memory changes a little meanwhile
+    assert resolve_target("cpu", 2, 3.0).memory == 3 * 2**30
+    assert math.isclose(resolve_target("l4", 1, None).memory, 22.0 * 2**30)
+
+
+def test_calibrate_measures_here_and_says_so(corpus: Path) -> None:
+    """--calibrate runs real steps of the recommended layout and replaces the rest with what it measured."""
+    done = run_cli("plan", *SMALL, f"data.source=text:{corpus}", "--device", "cpu", "--calibrate")
+    assert done.returncode == 0, done.stderr
+    notes = [line for line in done.stdout.splitlines() if line.startswith("- ")]
+    assert notes[0].startswith("- calibrated (1 process here, none, micro 8): step measured ")
+    assert "tensors' peak measured" in notes[0] and "(measured by --calibrate)" in done.stdout
