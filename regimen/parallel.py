@@ -38,7 +38,9 @@ import datetime
 import functools
 import math
 import os
+import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -180,7 +182,9 @@ def wrap(model: nn.Module, mode: str, d: Dist, device: torch.device, cfg: Parall
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
+        ddp = DDP(model, device_ids=ids)
+        weakref.finalize(ddp, _let_gloo_threads_finish)  # runs before the reducer (and maybe the group) is freed
+        return ddp
     if mode == "fsdp":
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -282,6 +286,24 @@ def _selective_contexts() -> Any:
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
     return create_selective_checkpoint_contexts(_save_matmuls)
+
+
+# How long a freed DDP module lets go of the GIL before its reducer is destroyed (see below).
+GLOO_SETTLE_S = 0.05
+
+
+def _let_gloo_threads_finish() -> None:
+    """Give gloo's worker threads the GIL for a moment before a DDP module's reducer is freed.
+
+    A gloo thread releases the tensors of a finished collective a moment after `wait()`
+    returns, and releasing a tensor Python owned takes the GIL. When the reducer is the last
+    holder of the process group, freeing it destroys the group, which joins those threads while
+    this thread holds the GIL: a deadlock, seen in 3 of 8 two-process runs of
+    benchmarks/step_memory (main thread in `~ProcessGroupGloo` -> `thread::join`, the gloo thread
+    in `gil_scoped_acquire` from `~AsyncWork`). Sleeping releases the GIL, so a waiting thread
+    finishes before the join; the finalizer runs before the module's attributes are freed.
+    """
+    time.sleep(GLOO_SETTLE_S)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
