@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", help="where the runs and the report go (default: compare/<time>, or the last one with the same plan)"
     )
     compare.add_argument("--jobs", type=int, metavar="N", help="train N runs at once, in subprocesses sharing the cores (default: 1)")
+    compare.add_argument("--nproc", type=int, metavar="N", help="each run on N processes (torchrun, one per device)")
+    compare.add_argument("--executor", default="local", choices=["local", "slurm"], help="where runs train (slurm: through submitit)")
+    compare.add_argument(
+        "--slurm", action="append", default=[], metavar="key=value", help="submitit parameters, e.g. slurm_partition=gpu timeout_min=60"
+    )
     compare.add_argument("--target-loss", type=float, metavar="X", help="the loss for the report's time-to-target column")
     compare.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
 
@@ -116,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="where to write report.html (default: the run directory, or ./report)")
     report.add_argument("--target-loss", type=float, help="the loss for the time-to-target column")
+
+    from regimen.search.command import add_parser as add_tune
+
+    add_tune(sub)
     return parser
 
 
@@ -131,6 +140,7 @@ COMMANDS = {
     "compare": "regimen.compare",
     "lr-find": "regimen.lr_find",
     "report": "regimen.report",
+    "tune": "regimen.search.command",
 }
 
 
