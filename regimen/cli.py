@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--jobs", type=int, metavar="N", help="train N runs at once, in subprocesses sharing the cores (default: 1)")
     compare.add_argument("--nproc", type=int, metavar="N", help="each run on N processes (torchrun, one per device)")
-    compare.add_argument("--executor", default="local", choices=["local", "slurm"], help="where runs train (slurm: through submitit)")
+    compare.add_argument(
+        "--executor", default="local", choices=["local", "inline", "slurm"], help="where runs train: processes here, this process, or Slurm"
+    )
     compare.add_argument(
         "--slurm", action="append", default=[], metavar="key=value", help="submitit parameters, e.g. slurm_partition=gpu timeout_min=60"
     )

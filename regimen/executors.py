@@ -9,8 +9,10 @@ Every executor's `run` blocks until the job ends, so callers run several at once
   the cores instead of fighting over them. `nproc > 1` passes `--nproc N`: `regimen train`
   starts torchrun itself (one process per device). On Linux each child is killed with its
   parent (`PR_SET_PDEATHSIG`), so a search killed with -9 leaves no run holding a lock.
-- `InProcessExecutor(build)`: the same `regimen train` semantics in this process (run
-  directory, lock, resume), with a task builder of the caller's (`rg.tune`'s model function).
+- `InProcessExecutor(build)` (`--executor inline`): the same `regimen train` semantics in this
+  process (run directory, lock, resume), one run at a time, with a task builder of the caller's
+  (`rg.tune`'s model function). No process per run: for small models, where starting Python and
+  torch for each run would cost more than the run.
 - `SlurmExecutor(folder, parameters)`: each job is a Slurm job through submitit (its
   `AutoExecutor`; `local=True` uses submitit's `LocalExecutor`, what the tests run). The job
   runs the same subprocess on the node, so the run directory must be on a filesystem the nodes
@@ -37,7 +39,7 @@ from typing import Any, Literal, Protocol
 from regimen.errors import UserError
 
 LOG_FILE = "train.log"
-EXECUTORS = ("local", "slurm")
+EXECUTORS = ("local", "inline", "slurm")
 
 
 def usable_cores() -> int:
@@ -182,6 +184,8 @@ class InProcessExecutor:
         job.out.mkdir(parents=True, exist_ok=True)
         try:
             strategy = Strategy.load(job.strategy_file)
+            if self.quiet:
+                strategy = strategy.replace({"observe.progress": "none"})  # no progress bars interleaved with the caller's output
             if job.command == "lr-find":
                 _lr_find_here(strategy, job, self.build)
                 return 0
@@ -194,6 +198,12 @@ class InProcessExecutor:
             with job.log.open("a") as log:
                 log.write(f"regimen: error: {e}\n")
             return 2
+        except Exception:  # a crash of the run, as a subprocess's would be: logged, exit 1
+            import traceback
+
+            with job.log.open("a") as log:
+                log.write(traceback.format_exc())
+            return 1
 
 
 def _lr_find_here(strategy: Any, job: Job, build: Callable[[Any], Any] | None) -> None:
@@ -294,12 +304,16 @@ def make_executor(
         return SlurmExecutor(folder, params, slots=slots, nproc=nproc, local=local)
     if slurm:
         raise UserError("--slurm is for --executor slurm")
+    if kind == "inline":
+        if slots > 1:
+            raise UserError("--executor inline trains one run at a time in this process; for --jobs N use --executor local")
+        if nproc > 1:
+            raise UserError("--executor inline trains in this process: it cannot start --nproc processes; use --executor local")
+        return InProcessExecutor()
     return LocalExecutor(slots=slots, nproc=nproc, tee=tee and slots == 1)
 
 
-def run_jobs(
-    executor: Executor, jobs: Sequence[Job], on_start: Callable[[Job], None], on_end: Callable[[Job, int, float], None]
-) -> None:
+def run_jobs(executor: Executor, jobs: Sequence[Job], on_start: Callable[[Job], None], on_end: Callable[[Job, int, float], None]) -> None:
     """Run `jobs`, `executor.slots` at a time (threads), calling `on_start` and `on_end(job, code, seconds)` around each.
 
     An interrupt stops the jobs still running (their run directories resume on a re-run).

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from regimen.errors import UserError
-from regimen.strategy import Strategy
+from regimen.strategy import BUDGET_UNITS, Strategy
 
 
 def tune(
@@ -74,7 +74,10 @@ def tune(
             }
         )
     if overrides:
-        strategy = strategy.replace(dict(overrides))
+        keys = dict(overrides)
+        if any(f"train.{u}" in keys for u in BUDGET_UNITS):  # a budget replaces the base's, in any unit
+            keys = {**{f"train.{u}": None for u in BUDGET_UNITS}, **keys}
+        strategy = strategy.replace(keys)
     train, val = _samples(data), _samples(validation_data) if validation_data is not None else None
     loss_fn, metric_fns = resolve_loss(loss), resolve_metrics(list(metrics) if metrics else None)
 

@@ -138,6 +138,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     tune.add_argument("--jobs", type=int, metavar="N", help="train N units at once in this process, the cores split between them")
     tune.add_argument("--nproc", type=int, metavar="N", help="each run on N processes (torchrun, one per device)")
     tune.add_argument("--storage", metavar="URL", help="Optuna storage (default: sqlite:///OUT/tune.db; journal:PATH: a shared file)")
-    tune.add_argument("--executor", default="local", choices=["local", "slurm"], help="where runs train (slurm: through submitit)")
+    tune.add_argument(
+        "--executor", default="local", choices=["local", "inline", "slurm"], help="where runs train: processes here, this process, or Slurm"
+    )
     tune.add_argument("--slurm", action="append", default=[], metavar="key=value", help="submitit parameters, e.g. slurm_partition=gpu")
     tune.add_argument("--dry-run", action="store_true", help="print the candidates, the rungs and the compute of each phase, and exit")

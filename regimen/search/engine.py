@@ -153,7 +153,7 @@ class Search:
                 "or delete that directory to start over"
             )
         if have is None:
-            rundir.write_atomic(self.out / SEARCH_FILE, json.dumps(spec, indent=1, default=str) + "\n")
+            _publish_once(self.out / SEARCH_FILE, json.dumps(spec, indent=1, default=str) + "\n")
         if url is None:
             url = f"sqlite:///{(self.out / 'tune.db').resolve()}"
             storage, lock = open_storage(url)
@@ -461,6 +461,22 @@ class Search:
 
 class Finished(Exception):
     """Every rung of the race is done."""
+
+
+def _publish_once(path: Path, text: str) -> None:
+    """Write a file whole, once: processes starting together race to link it into place, the first wins."""
+    import contextlib
+    import os
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _budget_keys(unit: str, amount: int) -> dict[str, Any]:

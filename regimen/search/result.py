@@ -113,7 +113,18 @@ def write_best(search: Any, winner: Candidate, loss: float) -> Path:
 
 
 def write_result(search: Any) -> tuple[Path, Path, list[Outcome], Candidate]:
-    """best.toml and report.html of a finished search; a search where every candidate failed is a `UserError`."""
+    """best.toml and report.html of a finished search; a search where every candidate failed is a `UserError`.
+
+    Every process that worked on the search writes them when it ends, one at a time (a lock in
+    `--out`): the same files, from the same study.
+    """
+    from regimen.search.study import file_lock
+
+    with file_lock(search.out / ".result-lock"):
+        return _write_result(search)
+
+
+def _write_result(search: Any) -> tuple[Path, Path, list[Outcome], Candidate]:
     from regimen import figures, report
     from regimen.report_html import RaceRow, race_section
 

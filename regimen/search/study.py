@@ -89,17 +89,30 @@ def open_storage(url: str) -> tuple[Any, Path | None]:
             return optuna.storages.JournalStorage(JournalRedisBackend(where)), None
         sqlite = where.startswith("sqlite:")
         kwargs = {"connect_args": {"timeout": 120}} if sqlite else {}
-        storage = optuna.storages.RDBStorage(where, engine_kwargs=kwargs)
         lock = None
         if sqlite:
             db = where.split(":///", 1)[1] if ":///" in where else ""
-            lock = Path(db + ".regimen-lock") if db and db != ":memory:" else None
-        return storage, lock
+            lock = Path(db + ".regimen-lock") if db and db != ":memory:" and Path(db).parent.is_dir() else None
+        return _rdb(optuna, where, kwargs, lock), lock
     except UserError:
         raise
     except Exception as e:  # a bad URL, a missing driver, a server that does not answer: all one line
         reason = " ".join(str(e).split())[:200] or type(e).__name__
         raise UserError(f"--storage {url!r}: cannot open it ({type(e).__name__}: {reason})") from None
+
+
+def _rdb(optuna: Any, url: str, kwargs: dict[str, Any], lock: Path | None) -> Any:
+    """`RDBStorage(url)`: processes starting together race to create its tables (optuna#4621); the
+    loser's IntegrityError is retried once the winner is done, and SQLite's are serialised outright."""
+    for attempt in range(5):
+        try:
+            with file_lock(lock):
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except Exception as e:
+            if "IntegrityError" not in type(e).__name__ or attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
