@@ -51,8 +51,14 @@ def usable_cores() -> int:
 
 
 def child_env(jobs: int) -> dict[str, str]:
-    """The environment of one of `jobs` parallel runs: an equal share of the cores for its threads."""
-    threads = str(max(1, usable_cores() // jobs))
+    """The environment of one of `jobs` parallel runs: an equal share of the cores for its threads.
+
+    A thread count the caller set (`OMP_NUM_THREADS`) is an upper bound: a search started with one
+    thread per process runs its runs with one thread too.
+    """
+    share = max(1, usable_cores() // jobs)
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    threads = str(min(share, int(given)) if given.isdigit() and int(given) > 0 else share)
     return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
 
 

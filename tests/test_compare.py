@@ -153,9 +153,12 @@ def test_jobs_and_a_diverging_run(tmp_path: Path) -> None:
 
 def test_child_threads_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("regimen.executors.usable_cores", lambda: 8)  # the executors own the split of the cores
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert child_env(2)["OMP_NUM_THREADS"] == "4"
     assert child_env(3)["OMP_NUM_THREADS"] == "2"
     assert child_env(16)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a count the caller set is an upper bound
+    assert child_env(1)["OMP_NUM_THREADS"] == "3" and child_env(4)["OMP_NUM_THREADS"] == "2"
 
 
 @pytest.mark.parametrize(
