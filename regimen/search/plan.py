@@ -170,10 +170,11 @@ def make_candidates(base: Strategy, space: Space) -> list[Candidate]:
                 name = f"{family.name}{suffix}.lr{_number(point['optimizer.lr'])}"
                 out.append(Candidate(name, family.name, point, None, measure_kind(base.replace(point))))
                 continue
-            mid = (space.lr_points - 1) // 2
+            mid = (space.lr_points - 1) / 2
             kind = measure_kind(base.replace(point))
             for i, factor in enumerate(space.lr_factors()):
-                out.append(Candidate(f"{family.name}{suffix}.lr{i - mid:+d}", family.name, point, factor, kind))
+                # lr+0 is the probe's suggestion, lr-1 and lr+1 a factor lr_spread below and above it.
+                out.append(Candidate(f"{family.name}{suffix}.lr{i - mid:+g}", family.name, point, factor, kind))
     return out
 
 
