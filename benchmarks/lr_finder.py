@@ -47,7 +47,7 @@ def run(quick: bool, out: Path, only: list[str] | None) -> dict[str, Any]:
     tasks = only or (["mlp"] if quick else list(TASKS))
     families = list(DEFAULT_FAMILIES)[:3] if quick else list(DEFAULT_FAMILIES)
     for task in tasks:
-        args = [a for a in task_args(task, quick, out / task) if "=" in a or a.endswith(".toml")]
+        args = task_args(task, quick, out / task, space=False)
         config = next((a for a in args if a.endswith(".toml")), None)
         base = Strategy.from_cli(config, [a for a in args if "=" in a])
         for family in families:

@@ -63,11 +63,11 @@ eta = 2
 """
 
 
-def task_args(name: str, quick: bool, out: Path) -> list[str]:
+def task_args(name: str, quick: bool, out: Path, space: bool = True) -> list[str]:
     """CONFIG and overrides of a task (the default task for gpt); --quick halves the steps and narrows the space."""
     args = list(TASKS[name])
     args.append(f"train.steps={STEPS[name] // (2 if quick else 1)}")
-    if quick:
+    if quick and space:
         out.mkdir(parents=True, exist_ok=True)
         (out / "quick_space.toml").write_text(QUICK_SPACE)
         args += ["--space", str(out / "quick_space.toml")]

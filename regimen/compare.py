@@ -37,7 +37,9 @@ Decisions:
   own, and a run is exactly what `regimen train` does. Its output goes to `OUT/<name>/train.log`
   (and to the terminal when runs go one at a time, the default).
 - `--jobs N`: N runs at once, with OMP_NUM_THREADS = max(1, cores // N) in each, so the runs
-  share the cores instead of fighting over them.
+  share the cores instead of fighting over them. Where and how a run trains is the executor's
+  (`regimen.executors`, shared with `regimen tune`): local processes, torchrun (`--nproc N`),
+  this process (`--executor inline`), or Slurm jobs through submitit (`--executor slurm`).
 
 Example:
     >>> plan = make_plan(None, ["model.name=mlp", "data.source=synthetic"], ["optimizer.name=sgd,adam", "lr.schedule=constant,cosine"])

@@ -37,6 +37,7 @@ def write_report(
     target_loss: float | None = None,
     title: str | None = None,
     extra: Sequence[str] = (),
+    names: Sequence[str] | None = None,
 ) -> Path:
     """Write `report.html` and its PNG figures into `out_dir`; return the report's path.
 
@@ -44,7 +45,7 @@ def write_report(
     schedules, noise scale, strategy diff against `base`); a single run makes a one-run page
     (summary numbers, its plots, its strategy). The page is self-contained: inline CSS, images
     by relative path, no scripts and no network. `extra` HTML sections (a tune's race) follow
-    the comparison's ranking.
+    the comparison's ranking; `names` replace the run directories' names (a tune's candidates).
 
     Example:
         >>> write_report(["runs/adam", "runs/sgd"], "report", target_loss=2.0)  # doctest: +SKIP
@@ -55,6 +56,9 @@ def write_report(
     if target_loss is not None and not math.isfinite(target_loss):
         raise UserError(f"--target-loss = {target_loss}: must be a finite number")
     runs = [load_run(d) for d in run_dirs]
+    if names is not None:
+        for run, name in zip(runs, names, strict=True):
+            run.name = name
     unique_names(runs)
     out = Path(out_dir)
     check_location(out, "report output")

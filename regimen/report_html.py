@@ -49,6 +49,7 @@ th, td { padding: 8px 12px; border-bottom: 1px solid var(--line); text-align: le
 th { background: #f6f8fa; color: var(--muted); font-weight: 600; font-size: 12.5px; white-space: nowrap; }
 td.num, th.num { text-align: right; white-space: nowrap; }
 td.muted { color: var(--muted); }
+td.phase { white-space: nowrap; }
 tbody tr:last-child td { border-bottom: none; }
 tr.winner td { background: var(--win); }
 tr.winner td:first-child { box-shadow: inset 4px 0 0 var(--win-line); }
@@ -554,7 +555,7 @@ def race_section(
     )
     total = sum(p[1] for p in phases) or 1.0
     phase_rows = "".join(
-        f"<tr data-phase='{e(name)}'><td>{e(name)}</td><td class='num'>{fmt_count(value)}</td>"
+        f"<tr data-phase='{e(name)}'><td class='phase'>{e(name)}</td><td class='num'>{fmt_count(value)}</td>"
         f"<td class='num'>{value / total:.0%}</td><td class='muted'>{e(note)}</td></tr>"
         for name, value, note in phases
     )

@@ -151,7 +151,8 @@ def _write_result(search: Any) -> tuple[Path, Path, list[Outcome], Candidate]:
     d = search.decisions()
     notes = {"probe": f"LR range test of {len(search.probing())} family(ies); noise scale: {d.batch_reason if d else ''}"}
     phase_rows = [(name, value * per, notes.get(name, "")) for name, value in phases.items()]
-    run_dirs = [o.run_dir for o in results if o.run_dir is not None and (o.run_dir / rundir.METRICS_FILE).is_file()]
+    measured = [o for o in results if o.run_dir is not None and (o.run_dir / rundir.METRICS_FILE).is_file()]
+    run_dirs = [o.run_dir for o in measured if o.run_dir is not None]
     unit = "nats"
     with figures.plot_style():
         figure = figures.race_figure(
@@ -159,7 +160,8 @@ def _write_result(search: Any) -> tuple[Path, Path, list[Outcome], Candidate]:
         )
     section = race_section([b * per for b in search.plan.rungs], rows, phase_rows, unit, amount, figure)
     base = search.base.resolve().flat()
-    html = report.write_report(run_dirs, search.out, base=base, title="regimen tune", extra=[section])
+    names = [o.candidate.name for o in measured]
+    html = report.write_report(run_dirs, search.out, base=base, title="regimen tune", extra=[section], names=names)
     return best, html, results, winner
 
 
