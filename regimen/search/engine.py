@@ -169,7 +169,11 @@ class Search:
     # ---- the probe ------------------------------------------------------------------------------
 
     def probing(self) -> list[str]:
-        return [f.name for f in self.space.families if f.probes_lr]
+        """The families whose range test runs (the others share one: `plan.probe_groups`)."""
+        from regimen.search.plan import probe_groups
+
+        groups = probe_groups(self.base, self.space)
+        return [name for name in groups if groups[name] == name]
 
     def probe_keys(self) -> list[str]:
         noise = ["probe-noise"] if self.space.batch == "probe" or self.budget.kind == "minutes" else []
@@ -192,9 +196,11 @@ class Search:
         done = self.probe_ledger.done(self.probe_keys())
         if len(done) < len(self.probe_keys()):
             return None
+        from regimen.search.plan import probe_groups
+
         lrs, notes = {}, {}
-        for name in self.probing():
-            t = done[f"probe-lr:{name}"]
+        for name, runs_for in probe_groups(self.base, self.space).items():
+            t = done[f"probe-lr:{runs_for}"]
             found = t.value is not None and math.isfinite(t.value) and t.value > 0
             lrs[name] = float(t.value) if found else float(self.family_strategy(name).optimizer.lr)
             if t.user_attrs.get("fallback") or not found:

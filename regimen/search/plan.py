@@ -78,6 +78,29 @@ def measure_kind(strategy: Strategy) -> MeasureKind:
     return "restart"
 
 
+def probe_groups(base: Strategy, space: Space) -> dict[str, str]:
+    """Each probing family -> the family whose range test it shares.
+
+    The range test replaces the LR schedule (lr-find sweeps a constant LR), so families that
+    differ only in `[lr]` keys (AdamW + cosine and AdamW + WSD) get the same curve: it runs once.
+
+    >>> from regimen.search.space import default_space
+    >>> groups = probe_groups(Strategy.default(), default_space(Strategy.default()))
+    >>> groups["adamw-wsd"], len(set(groups.values()))
+    ('adamw-cosine', 5)
+    """
+    seen: dict[str, str] = {}
+    out: dict[str, str] = {}
+    for family in space.families:
+        if not family.probes_lr:
+            continue
+        tree = base.replace(family.points()[0]).to_dict()
+        tree.pop("lr")
+        key = repr(sorted(tree.items()))
+        out[family.name] = seen.setdefault(key, family.name)
+    return out
+
+
 def rung_budgets(total: int, eta: int, rungs: int) -> list[int]:
     """`T_r = T / eta^(R-1-r)` samples, rounded down, the last exactly `total`."""
     return [total // eta ** (rungs - 1 - r) for r in range(rungs)]
@@ -131,12 +154,8 @@ class Plan:
         return self.probe_cost + sum(self.rung_costs)
 
     def probing(self) -> list[str]:
-        """The families whose LR the range test finds."""
-        seen: dict[str, None] = {}
-        for c in self.candidates:
-            if c.lr_factor is not None:
-                seen[c.family] = None
-        return list(seen)
+        """The families whose range test runs (one per group of `probe_groups`)."""
+        return sorted(set(probe_groups(self.base, self.space).values()), key=[f.name for f in self.space.families].index)
 
     def fingerprint_inputs(self) -> dict[str, Any]:
         return {
@@ -213,7 +232,7 @@ def make_plan(base: Strategy, space: Space, budget: int, train_size: int | None 
     candidates = make_candidates(base, space)
     full = full_run_samples(base, train_size, world)
     batch = base.batch.size
-    probing = {c.family for c in candidates if c.lr_factor is not None}
+    probing = set(probe_groups(base, space).values())
     best: Plan | None = None
     smallest: Plan | None = None
     for n_rungs in range(1, MAX_RUNGS + 1):
@@ -280,7 +299,7 @@ def format_plan(plan: Plan, unit: str = "samples", per_sample: int = 1) -> str:
     lines.append("phases:")
     probing = plan.probing()
     if plan.probe_cost:
-        what = [f"LR range test of {len(probing)} famil{'y' if len(probing) == 1 else 'ies'}"] if probing else []
+        what = [f"{len(probing)} LR range test(s)"] if probing else []
         what += ["noise scale"] if plan.space.batch == "probe" else []
         lines.append(f"  probe   {' + '.join(what)}: {amount(plan.probe_cost)}")
     for r, (budget, keep, cost) in enumerate(zip(plan.rungs, plan.keep, plan.rung_costs)):

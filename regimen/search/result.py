@@ -149,7 +149,7 @@ def _write_result(search: Any) -> tuple[Path, Path, list[Outcome], Candidate]:
         for o in results
     ]
     d = search.decisions()
-    notes = {"probe": f"LR range test of {len(search.probing())} family(ies); noise scale: {d.batch_reason if d else ''}"}
+    notes = {"probe": f"{len(search.probing())} LR range test(s); batch: {d.batch_reason if d else ''}"}
     phase_rows = [(name, value * per, notes.get(name, "")) for name, value in phases.items()]
     measured = [o for o in results if o.run_dir is not None and (o.run_dir / rundir.METRICS_FILE).is_file()]
     run_dirs = [o.run_dir for o in measured if o.run_dir is not None]
