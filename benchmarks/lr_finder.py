@@ -7,9 +7,10 @@ LR is the sweep's lowest final validation loss. Each suggestion rule is reported
 suggestion / best LR (1 is perfect; the sweep's resolution is a factor 3.16, so a ratio within
 [0.56, 1.78] is as good as the sweep can tell). Rules:
 
-- `steepest`: the LR of steepest descent of the smoothed loss (lr-find's and tune's suggestion);
-- `min/10`: a tenth of the LR at the minimum of the smoothed loss (fastai's older rule);
-- `min/3`: a third of it.
+- `steepest`: the LR of steepest descent of the smoothed loss (lr-find's suggestion);
+- `min/10`, `min/5`, `min/3`: the LR at the minimum of the smoothed loss over 10 (fastai's older
+  rule), 5 (tune's probe: `regimen.search.plan.PROBE_DIVISOR`) and 3;
+- `sqrt(steepest x min/10)`: the geometric mean of the two lr-find prints.
 
 Losses and LRs only (no timing). `--json FILE` keeps every curve and sweep for re-analysis.
 
@@ -27,13 +28,15 @@ from typing import Any
 
 from benchmarks.tune_common import TASKS, full_run, task_args
 
-RULES = ("steepest", "min/10", "min/3")
+RULES = ("steepest", "min/10", "min/5", "min/3", "sqrt(steepest x min/10)")
 SWEEP = [10 ** (k / 2) for k in range(-10, 2)]  # 1e-5 ... 3.16, half a decade apart
 
 
 def suggestions(result: Any) -> dict[str, float | None]:
-    low = result.minimum
-    return {"steepest": result.steepest, "min/10": low / 10 if low else None, "min/3": low / 3 if low else None}
+    low, steep = result.minimum, result.steepest
+    rules = {"steepest": steep, **{f"min/{d}": low / d if low else None for d in (10, 5, 3)}}
+    rules["sqrt(steepest x min/10)"] = math.sqrt(steep * low / 10) if low and steep else None
+    return rules
 
 
 def run(quick: bool, out: Path, only: list[str] | None) -> dict[str, Any]:

@@ -243,14 +243,14 @@ class Search:
         s = self._trial_settings(self.family_strategy(name))
         file = self._write(folder / f"lr-{name}.toml", s)
         out = folder / f"lr-{name}"
-        from regimen.search.plan import PROBE_MAX_LR, PROBE_MIN_LR, PROBE_RULE, PROBE_STEPS
+        from regimen.search.plan import PROBE_DIVISOR, PROBE_MAX_LR, PROBE_MIN_LR, PROBE_STEPS
 
         code = self.executor.run(Job("lr-find", file, out, steps=PROBE_STEPS, min_lr=PROBE_MIN_LR, max_lr=PROBE_MAX_LR))
         result = rundir.read_json(out / "lr_find.json")
         attrs: dict[str, Any] = {"phase": "probe", "samples": PROBE_STEPS * s.batch.size}
-        if code == 0 and result is not None and result.get(PROBE_RULE):
-            attrs["steepest"] = result.get("steepest")
-            return float(result[PROBE_RULE]), attrs
+        if code == 0 and result is not None and result.get("minimum"):
+            attrs["steepest"], attrs["minimum"] = result.get("steepest"), result["minimum"]
+            return float(result["minimum"]) / PROBE_DIVISOR, attrs
         if code not in (0, 2) and result is None:
             return None, {}
         why = last_error(out / "train.log") or "the loss never decreased over the sweep"

@@ -58,11 +58,12 @@ MIN_RUNG_STEPS = 20
 PROBE_STEPS = 40
 PROBE_MIN_LR = 1e-6
 PROBE_MAX_LR = 3.0
-# Which of lr-find's suggestions centres a family's LRs. The steepest descent (lr-find's own
-# `suggested`) lags in a sweep this short (six steps a decade: the loss still falls from earlier
-# steps when the LR is already too high) and came out 3-21x above the best LR of a sweep on the
-# MLP task (benchmarks/lr_finder.py --quick); a tenth of the LR at the minimum was 0.7-4.5x.
-PROBE_RULE = "tenth_of_minimum"
+# What centres a family's LRs: the LR at the minimum of the range test's smoothed loss divided by
+# PROBE_DIVISOR. lr-find's own suggestion, the steepest descent, lags in a sweep this short (six
+# steps a decade: the loss still falls from earlier steps when the LR is already too high); on
+# nine family/task pairs (benchmarks/lr_finder.py --quick, docs/tune.md) it was a median 4.5x
+# from the best LR of a sweep, a tenth of the minimum 2.2x, a fifth of it 1.3x.
+PROBE_DIVISOR = 5.0
 
 
 def measure_kind(strategy: Strategy) -> MeasureKind:
