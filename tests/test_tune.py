@@ -286,3 +286,22 @@ def test_dry_run_prints_candidates_rungs_and_compute(tmp_path: Path, capsys: pyt
     assert "4 candidates in 2 families" in stdout and "wsd.lr0.003" in stdout and "measured by branch" in stdout
     assert "rung 0  4 candidate(s)" in stdout and "rung 1  2 candidate(s)" in stdout and "total   about" in stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_executor_commands(tmp_path: Path) -> None:
+    """torchrun per run is `regimen train --nproc N`; an inline executor cannot start processes; --slurm needs slurm."""
+    from regimen.errors import UserError
+    from regimen.executors import Job, LocalExecutor, make_executor
+
+    job = Job("train", tmp_path / "s.toml", tmp_path / "run", resume="auto", allow_change=True)
+    command = LocalExecutor(slots=2, nproc=4).command(job)
+    assert command[1:4] == ["-m", "regimen", "train"] and command[-2:] == ["--nproc", "4"] and "--allow-change" in command
+    assert "--nproc" not in LocalExecutor().command(job)
+    for kind, kwargs, fragment in (
+        ("inline", {"nproc": 2}, "cannot start --nproc"),
+        ("inline", {"slots": 2}, "one run at a time"),
+        ("local", {"slurm": ["slurm_partition=gpu"]}, "--slurm is for --executor slurm"),
+        ("gpu", {}, "allowed: local, inline, slurm"),
+    ):
+        with pytest.raises(UserError, match=fragment):
+            make_executor(kind, **kwargs)

@@ -153,7 +153,7 @@ def _write_result(search: Any) -> tuple[Path, Path, list[Outcome], Candidate]:
     phase_rows = [(name, value * per, notes.get(name, "")) for name, value in phases.items()]
     measured = [o for o in results if o.run_dir is not None and (o.run_dir / rundir.METRICS_FILE).is_file()]
     run_dirs = [o.run_dir for o in measured if o.run_dir is not None]
-    unit = "nats"
+    unit = str((rundir.read_summary(run_dirs[0]) or {}).get("loss_unit", "nats")) if run_dirs else "nats"
     with figures.plot_style():
         figure = figures.race_figure(
             [b * per for b in search.plan.rungs], [(r.name, r.losses) for r in rows], search.out, amount, unit, winner.name
