@@ -38,6 +38,7 @@ KNOWN = """
 [search]
 eta = 3
 batch = "keep"
+config = false
 
 [[family]]
 name = "sgd-wsd"
@@ -52,6 +53,7 @@ WIDE = """
 [search]
 eta = 2
 batch = "keep"
+config = false
 
 [[family]]
 name = "wsd"

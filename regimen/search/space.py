@@ -8,7 +8,7 @@ may be left out, and then the LR range test centres `lr_points` LRs on its sugge
 
 The default space has the families that matter (at least AdamW + cosine, AdamW + WSD, Muon +
 WSD, Lion + WSD, schedule-free AdamW and SGD with Nesterov momentum + cosine), each with three
-LRs found by the probe, not guessed.
+LRs found by the probe, not guessed, and CONFIG itself at its own LR (`search.config`).
 
 `--space SPACE.toml`:
 
@@ -19,6 +19,7 @@ lr_points = 3              # LRs per family, centred on the probe's suggestion
 lr_spread = 3.0            # the factor between neighbouring LRs
 eta = 3                    # successive halving keeps the best 1/eta at each rung
 batch = "probe"            # "probe": the noise scale decides the batch; "keep": CONFIG's batch, no noise probe
+config = true              # race CONFIG itself too (at its own LR)
 
 [[family]]                 # a family of your own (any strategy keys, dotted)
 name = "adamw-wsd-wd"
@@ -62,7 +63,10 @@ DEFAULT_FAMILIES: dict[str, dict[str, Any]] = {
     "schedulefree-adamw": {"optimizer.name": "schedulefree_adamw", "lr.schedule": "constant"},
     "sgd-nesterov-cosine": {"optimizer.name": "sgd", "optimizer.momentum": 0.9, "optimizer.nesterov": True, "lr.schedule": "cosine"},
 }
-SETTINGS = ("families", "lr_points", "lr_spread", "eta", "batch")
+SETTINGS = ("families", "lr_points", "lr_spread", "eta", "batch", "config")
+# CONFIG itself races too (the incumbent, at its own LR): a search then loses to CONFIG only if
+# the race's shorter rungs misjudge it.
+CONFIG_FAMILY = "config"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -121,11 +125,20 @@ class Space:
 
 
 def default_space(base: Strategy) -> Space:
-    """Every default family, checked against `base` (a family the base cannot take is a `UserError`)."""
-    families = tuple(Family(name, keys) for name, keys in DEFAULT_FAMILIES.items())
+    """Every default family and CONFIG itself, checked against `base` (a family the base cannot take is a `UserError`)."""
+    families = tuple(Family(name, keys) for name, keys in DEFAULT_FAMILIES.items()) + (config_family(base),)
     for family in families:
         check_family(base, family, "the default space")
     return Space(families)
+
+
+def config_family(base: Strategy) -> Family:
+    """CONFIG as a candidate: no key changed, its own LR (so no range test).
+
+    >>> config_family(Strategy.default()).grid
+    {'optimizer.lr': [0.008]}
+    """
+    return Family(CONFIG_FAMILY, {}, {"optimizer.lr": [base.optimizer.lr]})
 
 
 def read_space(path: str | Path, base: Strategy) -> Space:
@@ -156,11 +169,16 @@ def read_space(path: str | Path, base: Strategy) -> Space:
         families.append(Family(name, DEFAULT_FAMILIES[name]))
     for i, table in enumerate(raw):
         families.append(_read_family(dict(table), f"{where}: family[{i}]"))
+    include = settings.get("config", True)
+    if not isinstance(include, bool):
+        raise UserError(f"{where}: search.config = {include!r}: expected true or false (race CONFIG itself too)")
+    if include and CONFIG_FAMILY not in [f.name for f in families]:
+        families.append(config_family(base))
     names = [f.name for f in families]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise UserError(f"{where}: two families are named {duplicate!r}; names must be unique")
-    if not families:
+    if not [f for f in families if f.name != CONFIG_FAMILY or not include]:
         raise UserError(f"{where}: the space is empty; name default families in search.families or add [[family]] tables")
     space = Space(
         tuple(families),
