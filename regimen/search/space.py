@@ -126,7 +126,7 @@ class Space:
 
 def default_space(base: Strategy) -> Space:
     """Every default family and CONFIG itself, checked against `base` (a family the base cannot take is a `UserError`)."""
-    families = tuple(Family(name, keys) for name, keys in DEFAULT_FAMILIES.items()) + (config_family(base),)
+    families = (*(Family(name, keys) for name, keys in DEFAULT_FAMILIES.items()), config_family(base))
     for family in families:
         check_family(base, family, "the default space")
     return Space(families)
