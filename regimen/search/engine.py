@@ -263,13 +263,17 @@ class Search:
         """The candidate's strategy measured at `budget` samples (None: the full run, CONFIG's own budget keys)."""
         d = self.decisions()
         assert d is not None and self.plan is not None
-        keys = {**dict(c.keys), **d.batch_keys}
+        from regimen.search.space import CONFIG_FAMILY
+
+        # The incumbent stays exactly CONFIG: the probe's batch decision applies to the other candidates.
+        batch_keys = {} if c.family == CONFIG_FAMILY else d.batch_keys
+        keys = {**dict(c.keys), **batch_keys}
         if c.lr_factor is not None:
             keys["optimizer.lr"] = float(f"{d.lrs[c.family] * c.lr_factor:.3g}")
         # Held for every candidate, as compare does: the LR scaling's reference is CONFIG's batch.
         keys["lr.reference_batch"] = self.base.resolve().lr.reference_batch
         s = self.base.replace(keys)
-        if budget is not None or d.batch_keys:
+        if budget is not None or batch_keys:
             s = s.replace(_budget_keys("samples", budget if budget is not None else self.plan.full))
         return s
 
