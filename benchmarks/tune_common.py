@@ -8,7 +8,8 @@ The tasks, sized for a 2-core CPU (a full run takes seconds to a minute with one
   cosine), 1,500 steps;
 - `cnn`: the conv net on the 16x16 shapes (examples/cnn_shapes.toml), 600 steps.
 
-`--quick` halves every budget and searches a small space (two families, two LRs each, eta 2):
+`--quick` halves every budget and searches a small space (two families, two LRs each, eta 2,
+CONFIG not among the candidates):
 a smoke test of the benchmark itself; its numbers mean little.
 """
 
@@ -60,6 +61,7 @@ QUICK_SPACE = """
 families = ["adamw-wsd", "adamw-cosine"]
 lr_points = 2
 eta = 2
+config = false   # five candidates would not fit 3x at this size
 """
 
 
