@@ -3,7 +3,7 @@
 The tasks, sized for a 2-core CPU (a full run takes seconds to a minute with one thread):
 
 - `gpt`: the byte-level GPT on the standard library (2 layers, d_model 64, context 64, batch 16,
-  Muon + WSD as the default task), 400 steps;
+  Muon + WSD as the default task), 1,000 steps (the default space needs a first rung of 20 steps);
 - `mlp`: the MLP on the synthetic 10-class Gaussian mixture (hidden 128, batch 32, AdamW +
   cosine), 1,500 steps;
 - `cnn`: the conv net on the 16x16 shapes (examples/cnn_shapes.toml), 600 steps.
@@ -32,7 +32,7 @@ TASKS: dict[str, list[str]] = {
         "model.n_head=4",
         "model.context=64",
         "batch.size=16",
-        "train.steps=400",
+        "train.steps=1000",
         "train.eval_every=100",
         "train.eval_samples=256",
     ],
@@ -53,7 +53,7 @@ TASKS: dict[str, list[str]] = {
     ],
     "cnn": ["examples/cnn_shapes.toml"],
 }
-STEPS = {"gpt": 400, "mlp": 1500, "cnn": 600}
+STEPS = {"gpt": 1000, "mlp": 1500, "cnn": 600}
 
 
 QUICK_SPACE = """
