@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "fit": "regimen.api",
     "lr_find": "regimen.lr_find",
+    "tune": "regimen.search.api",
     "History": "regimen.api",
     "EarlyStopping": "regimen.callbacks",
     "StopTraining": "regimen.trainer",

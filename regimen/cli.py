@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", help="where the runs and the report go (default: compare/<time>, or the last one with the same plan)"
     )
     compare.add_argument("--jobs", type=int, metavar="N", help="train N runs at once, in subprocesses sharing the cores (default: 1)")
+    compare.add_argument("--nproc", type=int, metavar="N", help="each run on N processes (torchrun, one per device)")
+    compare.add_argument(
+        "--executor", default="local", choices=["local", "inline", "slurm"], help="where runs train: processes here, this process, or Slurm"
+    )
+    compare.add_argument(
+        "--slurm", action="append", default=[], metavar="key=value", help="submitit parameters, e.g. slurm_partition=gpu timeout_min=60"
+    )
     compare.add_argument("--target-loss", type=float, metavar="X", help="the loss for the report's time-to-target column")
     compare.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
 
@@ -138,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="where to write report.html (default: the run directory, or ./report)")
     report.add_argument("--target-loss", type=float, help="the loss for the time-to-target column")
     _add_data_commands(sub)
+
+    from regimen.search.command import add_parser as add_tune
+
+    add_tune(sub)
     return parser
 
 
@@ -194,6 +205,7 @@ COMMANDS = {
     "prepare": "regimen.prepare",
     "sample": "regimen.sample",
     "plan": "regimen.plan",
+    "tune": "regimen.search.command",
 }
 
 

@@ -37,7 +37,9 @@ Decisions:
   own, and a run is exactly what `regimen train` does. Its output goes to `OUT/<name>/train.log`
   (and to the terminal when runs go one at a time, the default).
 - `--jobs N`: N runs at once, with OMP_NUM_THREADS = max(1, cores // N) in each, so the runs
-  share the cores instead of fighting over them.
+  share the cores instead of fighting over them. Where and how a run trains is the executor's
+  (`regimen.executors`, shared with `regimen tune`): local processes, torchrun (`--nproc N`),
+  this process (`--executor inline`), or Slurm jobs through submitit (`--executor slurm`).
 
 Example:
     >>> plan = make_plan(None, ["model.name=mlp", "data.source=synthetic"], ["optimizer.name=sgd,adam", "lr.schedule=constant,cosine"])
@@ -52,18 +54,17 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import re
-import subprocess
 import sys
 import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 from regimen.errors import UserError
+from regimen.executors import LOG_FILE, Executor, Job, child_env, make_executor, run_jobs, usable_cores
 from regimen.rundir import METRICS_FILE, SUMMARY_FILE, write_summary
 from regimen.strategy import DEFAULT_TASK, Strategy, apply_overrides, flatten, parse_value, read_toml
 
@@ -155,7 +156,6 @@ batch = { schedule = "random", min = 8, max = 56 }   # uniform in [8, 56] per st
 
 STRATEGIES_DIR = "strategies"
 MANIFEST = "compare.json"
-LOG_FILE = "train.log"
 DEFAULT_ROOT = Path("compare")
 
 Status = Literal["new", "resume", "finished", "failed"]
@@ -488,20 +488,6 @@ def mark_failed(run_dir: Path, error: str) -> None:
     write_summary(run_dir, {"status": "failed", "error": error})
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, else the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def child_env(jobs: int) -> dict[str, str]:
-    """The environment of a parallel run: an equal share of the cores for its threads."""
-    threads = str(max(1, usable_cores() // jobs))
-    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
-
-
 @dataclass
 class Outcome:
     """How a run ended in this invocation."""
@@ -512,76 +498,27 @@ class Outcome:
     detail: str = ""
 
 
-def train_command(plan_file: Path, run_dir: Path) -> list[str]:
-    """The command that trains (or resumes) one run: `regimen train` on its strategy file."""
-    return [sys.executable, "-m", "regimen", "train", str(plan_file), "--run-dir", str(run_dir), "--resume", "auto"]
-
-
-def train_one(plan_file: Path, run_dir: Path, announce: Callable[[str, str], None], resume: bool) -> Outcome:
-    """Train one run in a subprocess, its output shown here and kept in `train.log`."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    announce(run_dir.name, "resuming" if resume else "training")
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        train_command(plan_file, run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env(1)
-    )
-    try:
-        with (run_dir / LOG_FILE).open("ab") as log:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.write(line)
-                sys.stderr.write(line.decode(errors="replace"))
-                sys.stderr.flush()
-        proc.wait()
-    finally:
-        _stop([proc])
-    outcome = _child_outcome(run_dir, proc.returncode, time.perf_counter() - start)
-    announce(run_dir.name, _outcome_text(outcome, run_dir))
-    return outcome
-
-
-def train_in_parallel(todo: Sequence[tuple[Path, Path]], jobs: int, announce: Callable[[str, str], None]) -> list[Outcome]:
-    """Train runs in up to `jobs` subprocesses at once, each logging to its `train.log`."""
-    env = child_env(jobs)
-    pending = list(todo)
-    running: dict[subprocess.Popen[bytes], tuple[Path, float, IO[bytes]]] = {}
+def train_runs(todo: Sequence[tuple[Path, Path, Status]], executor: Executor, announce: Callable[[str, str], None]) -> list[Outcome]:
+    """Train (or resume) runs through `executor`, `executor.slots` at once; each run's output goes to its `train.log`."""
     outcomes: list[Outcome] = []
-    try:
-        while pending or running:
-            while pending and len(running) < jobs:
-                plan_file, run_dir = pending.pop(0)
-                run_dir.mkdir(parents=True, exist_ok=True)
-                log: IO[bytes] = (run_dir / LOG_FILE).open("ab")
-                proc = subprocess.Popen(
-                    train_command(plan_file, run_dir), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-                )
-                running[proc] = (run_dir, time.perf_counter(), log)
-                announce(run_dir.name, f"started ({env['OMP_NUM_THREADS']} thread(s); log {run_dir / LOG_FILE})")
-            time.sleep(0.2)
-            for proc in [p for p in running if p.poll() is not None]:
-                run_dir, start, done_log = running.pop(proc)
-                done_log.close()
-                outcome = _child_outcome(run_dir, proc.returncode, time.perf_counter() - start)
-                outcomes.append(outcome)
-                announce(run_dir.name, _outcome_text(outcome, run_dir))
-    finally:
-        _stop(list(running))  # interrupted: stop the children we started
-        for _, _, open_log in running.values():
-            open_log.close()
+    resume = {run_dir: status == "resume" for _, run_dir, status in todo}
+    parallel = executor.slots > 1 and len(todo) > 1
+
+    def started(job: Job) -> None:
+        if parallel:
+            threads = child_env(executor.slots)["OMP_NUM_THREADS"]
+            announce(job.out.name, f"started ({threads} thread(s); log {job.log})")
+        else:
+            announce(job.out.name, "resuming" if resume[job.out] else "training")
+
+    def ended(job: Job, code: int, seconds: float) -> None:
+        outcome = _child_outcome(job.out, code, seconds)
+        outcomes.append(outcome)
+        announce(job.out.name, _outcome_text(outcome, job.out))
+
+    jobs = [Job("train", plan_file, run_dir, resume="auto") for plan_file, run_dir, _ in todo]
+    run_jobs(executor, jobs, started, ended)
     return outcomes
-
-
-def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
-    """Terminate the children still running (they were started here), then make sure they exit."""
-    alive = [p for p in procs if p.poll() is None]
-    for proc in alive:
-        proc.terminate()
-    for proc in alive:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _child_outcome(run_dir: Path, code: int, seconds: float) -> Outcome:
@@ -640,7 +577,9 @@ def write_plan(plan: Plan, out: Path) -> dict[str, Path]:
     return files
 
 
-def run_compare(plan: Plan, out: Path, jobs: int = 1, target_loss: float | None = None) -> tuple[Path, list[Outcome]]:
+def run_compare(
+    plan: Plan, out: Path, jobs: int = 1, target_loss: float | None = None, executor: Executor | None = None
+) -> tuple[Path, list[Outcome]]:
     """Train every run of `plan` that is not done yet, then write the report; returns its path.
 
     Example:
@@ -667,10 +606,9 @@ def run_compare(plan: Plan, out: Path, jobs: int = 1, target_loss: float | None 
             outcomes.append(Outcome(run.name, "skipped", detail=status))
         else:
             todo.append((files[run.name], out / run.name, status))
-    if jobs > 1 and len(todo) > 1:
-        outcomes += train_in_parallel([(f, d) for f, d, _ in todo], min(jobs, len(todo)), announce)
-    else:
-        outcomes += [train_one(plan_file, run_dir, announce, status == "resume") for plan_file, run_dir, status in todo]
+    if executor is None:
+        executor = make_executor("local", slots=max(1, min(jobs, len(todo))), tee=True)
+    outcomes += train_runs(todo, executor, announce)
 
     run_dirs = [out / run.name for run in plan.runs if _has_run(out / run.name)]
     if not run_dirs:
@@ -708,6 +646,8 @@ def run(args: argparse.Namespace) -> int:
     config, overrides = args.config, args.overrides
     if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs = {args.jobs}: must be >= 1")
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc = {args.nproc}: must be >= 1")
     if args.target_loss is not None and not math.isfinite(args.target_loss):
         raise UserError(f"--target-loss = {args.target_loss}: must be a finite number")
     plan = make_plan(config, overrides, args.vary)
@@ -730,7 +670,9 @@ def run(args: argparse.Namespace) -> int:
     what = "the classic comparison" if plan.classic else "a comparison"
     print(f"regimen compare: {what}, {len(plan.runs)} runs into {out}/ (jobs {jobs})", file=sys.stderr)
     start = time.perf_counter()
-    path, outcomes = run_compare(plan, out, jobs, args.target_loss)
+    slots = max(1, min(jobs, len(plan.runs)))
+    executor = make_executor(args.executor, slots=slots, nproc=args.nproc or 1, folder=out / "slurm", slurm=args.slurm, tee=True)
+    path, outcomes = run_compare(plan, out, jobs, args.target_loss, executor)
     dirs = [out / r.name for r in plan.runs if _has_run(out / r.name)]
     trained = sum(o.state != "skipped" for o in outcomes)
     print(f"regimen compare: {len(plan.runs)} runs ({trained} trained now) in {time.perf_counter() - start:.0f} s, best first:")

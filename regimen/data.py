@@ -348,6 +348,66 @@ def synthetic_classification(
     return x, y
 
 
+IMAGE_SIZE = 16
+
+
+def shape_images(num_samples: int, num_classes: int, seed: int = SYNTHETIC_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded image classification set: 16x16 grey images of one of `num_classes` (<= 10) shapes.
+
+    Each image draws its shape's class, a centre, a size and a brightness at random, then adds
+    Gaussian noise (sd 0.3), so the classes overlap a little and a convolutional net has
+    something to learn that a linear model does not. The shapes: filled square, disc, plus,
+    cross, ring, horizontal bar, vertical bar, upper triangle, square outline, two dots.
+
+    Example:
+        >>> x, y = shape_images(8, 10)
+        >>> tuple(x.shape), int(y.max()) < 10
+        ((8, 1, 16, 16), True)
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = num_samples
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    centre = 5.5 + 5.0 * torch.rand(n, 2, generator=g)  # in [5.5, 10.5]: the shape stays in the image
+    size = 2.5 + 2.0 * torch.rand(n, generator=g)
+    bright = 0.7 + 0.6 * torch.rand(n, generator=g)
+    grid = torch.arange(IMAGE_SIZE, dtype=torch.float32)
+    r = (grid.view(1, -1, 1) - centre[:, 0].view(-1, 1, 1)) / size.view(-1, 1, 1)  # rows
+    c = (grid.view(1, 1, -1) - centre[:, 1].view(-1, 1, 1)) / size.view(-1, 1, 1)  # columns
+    ar, ac, d = r.abs(), c.abs(), (r**2 + c**2).sqrt()
+    masks = torch.stack(
+        [
+            (ar <= 1) & (ac <= 1),  # filled square
+            d <= 1,  # disc
+            ((ar <= 0.3) & (ac <= 1)) | ((ac <= 0.3) & (ar <= 1)),  # plus
+            ((r - c).abs() <= 0.35) & (d <= 1.3) | ((r + c).abs() <= 0.35) & (d <= 1.3),  # cross
+            (d <= 1) & (d >= 0.6),  # ring
+            (ar <= 0.35) & (ac <= 1.2),  # horizontal bar
+            (ac <= 0.35) & (ar <= 1.2),  # vertical bar
+            (r <= 1) & (c >= -1) & (r >= c),  # triangle
+            (ar <= 1) & (ac <= 1) & ((ar >= 0.65) | (ac >= 0.65)),  # square outline
+            ((r**2 + (c - 0.8) ** 2).sqrt() <= 0.45) | ((r**2 + (c + 0.8) ** 2).sqrt() <= 0.45),  # two dots
+        ],
+        dim=1,
+    )
+    image = masks[torch.arange(n), y].float() * bright.view(-1, 1, 1)
+    image = image + 0.3 * torch.randn(n, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    return image.unsqueeze(1), y
+
+
+def load_shapes(cfg: DataConfig, context: int) -> TaskData:
+    """`shapes`: the seeded image set of `shape_images`, split by `val_fraction`."""
+    x, y = shape_images(cfg.num_samples, cfg.num_classes)
+    n_val = round(cfg.num_samples * cfg.val_fraction)
+    n_train = cfg.num_samples - n_val
+    return TaskData(
+        TensorSamples((x[:n_train], y[:n_train])),
+        TensorSamples((x[n_train:], y[n_train:])) if n_val else None,
+        num_features=IMAGE_SIZE * IMAGE_SIZE,
+        num_classes=cfg.num_classes,
+        description=f"shapes: {cfg.num_classes} classes of 16x16 images, {n_train} train / {n_val} val samples",
+    )
+
+
 def _read_path(source: str) -> Path:
     path = Path(source.split(":", 1)[1]).expanduser()
     if not path.exists():

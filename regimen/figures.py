@@ -391,3 +391,49 @@ def single_figures(run: Run, out_dir: Path, include_progress: bool) -> list[Figu
     if _wants_batch_figure(run):
         figures.append(_single_batch_figure(run, out_dir))
     return figures
+
+
+def race_figure(
+    rungs: Sequence[float],
+    candidates: Sequence[tuple[str, Sequence[float | None]]],
+    out_dir: Path,
+    x_unit: str,
+    unit: str,
+    winner: str | None,
+) -> FigureFile:
+    """The race of `regimen tune`: each candidate's measured loss at each rung it ran, against the rung's budget.
+
+    `candidates` are (name, loss per rung, None where it did not run); a line ends where the
+    candidate was stopped. Log x: the rungs grow geometrically.
+    """
+    width = 12.0
+    names = [name for name, _ in candidates]
+    fig, (ax,) = _figure(width, _height(4.6, names, width))
+    handles: list[Any] = []
+    values: list[float] = []
+    for i, (name, losses) in enumerate(candidates):
+        points = [(b, v) for b, v in zip(rungs, losses) if v is not None and v == v and v != float("inf")]
+        if not points:
+            continue
+        color, ls = style(i)
+        wide = name == winner
+        (line,) = ax.plot(
+            [p[0] for p in points], [p[1] for p in points], color=color, ls=ls, lw=2.4 if wide else 1.3, marker="o", ms=4, label=name
+        )
+        handles.append(line)
+        values += [p[1] for p in points]
+    if not handles:
+        _no_data(ax, "no rung measured yet")
+    ax.set_xscale("log")
+    ylim = _loss_ylim([values]) if values else None
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel(f"rung budget ({x_unit})")
+    ax.set_ylabel(f"val loss at the end of the rung ({unit})")
+    ax.set_title("the race: each candidate's loss at each rung it reached")
+    _legend(fig, handles, [h.get_label() for h in handles], width)
+    caption = (
+        "Successive halving: every candidate runs the first rung, the best of each rung run the next. A line ends at the rung where "
+        "its candidate was stopped; the winner is drawn thicker."
+    )
+    return _save(fig, out_dir, "race.png", caption, "each candidate's validation loss at each rung")

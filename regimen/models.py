@@ -146,6 +146,28 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class CNN(nn.Module):
+    """Conv 3x3 + ReLU + 2x2 max-pool per width in `channels`, then a linear classifier: a small vision net.
+
+    Example:
+        >>> CNN(16, [8, 16], 10)(torch.zeros(2, 1, 16, 16)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, image_size: int, channels: list[int], num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width, side = 1, image_size
+        for ch in channels:
+            layers += [nn.Conv2d(width, ch, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            width, side = ch, max(1, side // 2)
+        layers += [nn.Flatten(), nn.Linear(width * side * side, num_classes)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 def build_model(cfg: ModelConfig, *, vocab_size: int = 256, num_features: int = 100, num_classes: int = 10) -> nn.Module:
     """The model the `[model]` section names, sized for the data it will see.
 
@@ -166,6 +188,12 @@ def build_gpt(cfg: ModelConfig, *, vocab_size: int, num_features: int, num_class
 def build_mlp(cfg: ModelConfig, *, vocab_size: int, num_features: int, num_classes: int) -> nn.Module:
     """`mlp`: the built-in classifier for feature vectors."""
     return MLP(num_features, list(cfg.hidden), num_classes)
+
+
+def build_cnn(cfg: ModelConfig, *, vocab_size: int, num_features: int, num_classes: int) -> nn.Module:
+    """`cnn`: the built-in conv net for square single-channel images (`num_features` pixels), `model.hidden` channels."""
+    side = math.isqrt(num_features)
+    return CNN(side, list(cfg.hidden), num_classes)
 
 
 def _user_model(cfg: ModelConfig) -> nn.Module:

@@ -239,6 +239,7 @@ DATA_SOURCES.add(
     "tokens", "regimen.data:load_tokens", "token ids: a .bin file or a directory of train.bin / val.bin", path=True, kind="tokens"
 )
 DATA_SOURCES.add("synthetic", "regimen.data:load_synthetic", "a seeded Gaussian-mixture classification set", path=False, kind="features")
+DATA_SOURCES.add("shapes", "regimen.data:load_shapes", "seeded 16x16 images of ten shapes (a small vision task)", path=False, kind="images")
 DATA_SOURCES.add("python", "regimen.data:load_python", "data given in Python (rg.fit)", path=False, kind="any")
 
 
@@ -250,3 +251,4 @@ DATA_SOURCES.add("python", "regimen.data:load_python", "data given in Python (rg
 MODELS = Registry("model.name")
 MODELS.add("gpt", "regimen.models:build_gpt", "a decoder-only transformer (nanoGPT-like)", data="tokens")
 MODELS.add("mlp", "regimen.models:build_mlp", "dense layers with ReLU (a classifier)", data="features")
+MODELS.add("cnn", "regimen.models:build_cnn", "conv layers (model.hidden channels) with max-pooling, then a classifier", data="images")

@@ -36,13 +36,16 @@ def write_report(
     base: Mapping[str, Any] | None = None,
     target_loss: float | None = None,
     title: str | None = None,
+    extra: Sequence[str] = (),
+    names: Sequence[str] | None = None,
 ) -> Path:
     """Write `report.html` and its PNG figures into `out_dir`; return the report's path.
 
     Several runs make a comparison (ranked table, loss against steps / data / wall time,
     schedules, noise scale, strategy diff against `base`); a single run makes a one-run page
     (summary numbers, its plots, its strategy). The page is self-contained: inline CSS, images
-    by relative path, no scripts and no network.
+    by relative path, no scripts and no network. `extra` HTML sections (a tune's race) follow
+    the comparison's ranking; `names` replace the run directories' names (a tune's candidates).
 
     Example:
         >>> write_report(["runs/adam", "runs/sgd"], "report", target_loss=2.0)  # doctest: +SKIP
@@ -53,17 +56,22 @@ def write_report(
     if target_loss is not None and not math.isfinite(target_loss):
         raise UserError(f"--target-loss = {target_loss}: must be a finite number")
     runs = [load_run(d) for d in run_dirs]
+    if names is not None:
+        for run, name in zip(runs, names, strict=True):
+            run.name = name
     unique_names(runs)
     out = Path(out_dir)
     check_location(out, "report output")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        return _write(runs, out, base, target_loss, title)
+        return _write(runs, out, base, target_loss, title, extra)
     except OSError as e:  # a full disk or a lost mount while drawing: the previous report stays whole
         raise UserError(f"could not write the report into {str(out)!r} ({os_reason(e)})") from None
 
 
-def _write(runs: list[Run], out: Path, base: Mapping[str, Any] | None, target_loss: float | None, title: str | None) -> Path:
+def _write(
+    runs: list[Run], out: Path, base: Mapping[str, Any] | None, target_loss: float | None, title: str | None, extra: Sequence[str] = ()
+) -> Path:
     with figures.plot_style():
         if len(runs) == 1:
             run = runs[0]
@@ -76,21 +84,24 @@ def _write(runs: list[Run], out: Path, base: Mapping[str, Any] | None, target_lo
                 target=target_loss,
                 title=title or f"regimen run: {run.name}",
             )
+            page = page.replace("<footer>", "".join(extra) + "<footer>", 1)
         else:
-            page = _comparison(runs, out, base, target_loss, title or "regimen comparison")
+            page = _comparison(runs, out, base, target_loss, title or "regimen comparison", extra)
     path = out / REPORT_FILE
     write_atomic(path, page)
     return path
 
 
-def _comparison(runs: list[Run], out: Path, base: Mapping[str, Any] | None, target: float | None, title: str) -> str:
+def _comparison(
+    runs: list[Run], out: Path, base: Mapping[str, Any] | None, target: float | None, title: str, extra: Sequence[str] = ()
+) -> str:
     c = compare_runs(runs, base, target)
     drawn = [figures.compare_loss_figure(runs, out, x, c.unit, c.winner) for x in ("step", c.data, "time")]
     drawn.append(figures.compare_schedule_figure(runs, out, c.data, c.winner))
     if any(r.has("noise_scale") for r in runs):
         drawn.append(figures.compare_noise_figure(runs, out, c.data))
     colours = {r.name: figures.style(i) for i, r in enumerate(runs)}
-    return report_html.comparison_page(c, drawn, colours, title)
+    return report_html.comparison_page(c, drawn, colours, title, extra)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ import html
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from regimen.ranking import MISSING, Comparison, ranked_on, same_value, time_to_loss
@@ -49,6 +50,7 @@ th, td { padding: 8px 12px; border-bottom: 1px solid var(--line); text-align: le
 th { background: #f6f8fa; color: var(--muted); font-weight: 600; font-size: 12.5px; white-space: nowrap; }
 td.num, th.num { text-align: right; white-space: nowrap; }
 td.muted { color: var(--muted); }
+td.phase { white-space: nowrap; }
 tbody tr:last-child td { border-bottom: none; }
 tr.winner td { background: var(--win); }
 tr.winner td:first-child { box-shadow: inset 4px 0 0 var(--win-line); }
@@ -244,8 +246,12 @@ def _footer(runs: Sequence[Run]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def comparison_page(c: Comparison, figures: Sequence[FigureFile], colours: Mapping[str, tuple[str, Any]], title: str) -> str:
-    """The page comparing several runs (see `regimen.report.write_report`); `colours` are the figures' run styles."""
+def comparison_page(
+    c: Comparison, figures: Sequence[FigureFile], colours: Mapping[str, tuple[str, Any]], title: str, extra: Sequence[str] = ()
+) -> str:
+    """The page comparing several runs (see `regimen.report.write_report`); `colours` are the figures' run styles.
+
+    `extra` sections (HTML, e.g. `race_section`) come right after the ranking."""
     runs, ranked, winner, unit, data = c.runs, c.ranked, c.winner, c.unit, c.data
     finished = sum(r.status == "finished" for r in runs)
     going = sum(r.status == "running" for r in runs)
@@ -263,6 +269,7 @@ def comparison_page(c: Comparison, figures: Sequence[FigureFile], colours: Mappi
     body = [
         head,
         _ranking(ranked, winner, colours, unit, data, c.target),
+        *extra,
         _diff_section(runs, colours, c.diff, c.base_given),
         "<section id='loss'><h2>Loss</h2>"
         f"<p class='note'>Training loss (left) and validation loss (right), in {e(unit)}, against steps, "
@@ -536,3 +543,69 @@ def samples_section(rows: Sequence[Mapping[str, Any]]) -> str:
         )
     lines += ["</tbody>", "</table>", "</section>"]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The race of `regimen tune`
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RaceRow:
+    """One candidate of a race: what it is, its loss at each rung (None: not run), where and why it stopped, its compute."""
+
+    name: str
+    what: str
+    losses: list[float | None]
+    stopped: str
+    compute: float
+    winner: bool = False
+
+
+def race_section(
+    rungs: Sequence[float],
+    rows: Sequence[RaceRow],
+    phases: Sequence[tuple[str, float, str]],
+    unit: str,
+    amount: str,
+    figure: FigureFile | None,
+) -> str:
+    """The race of `regimen tune`: each candidate's rung results, where and why it stopped, the compute of each phase.
+
+    `rungs` are the rung budgets and `phases` (name, compute, note) in `amount` units (samples or tokens).
+    """
+    heads = "".join(f"<th class='num'>rung {i}<br><small>{fmt_count(b)} {e(amount)}</small></th>" for i, b in enumerate(rungs))
+    body = []
+    for row in rows:
+        cells = "".join(f"<td class='num'>{fmt_loss(v) if v is not None else '—'}</td>" for v in row.losses)
+        cls = " class='winner'" if row.winner else ""
+        badge = "<span class='badge winner'>★ best</span>" if row.winner else ""
+        body.append(
+            f"<tr data-run='{e(row.name)}'{cls}><td class='run'><code>{e(row.name)}</code>{badge}<br><small>{e(row.what)}</small></td>"
+            f"{cells}<td>{e(row.stopped)}</td><td class='num'>{fmt_count(row.compute)}</td></tr>"
+        )
+    table = (
+        f"<div class='scroll'><table class='race'><thead><tr><th>candidate</th>{heads}<th>stopped</th>"
+        f"<th class='num'>compute ({e(amount)})</th></tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+    )
+    total = sum(p[1] for p in phases) or 1.0
+    phase_rows = "".join(
+        f"<tr data-phase='{e(name)}'><td class='phase'>{e(name)}</td><td class='num'>{fmt_count(value)}</td>"
+        f"<td class='num'>{value / total:.0%}</td><td class='muted'>{e(note)}</td></tr>"
+        for name, value, note in phases
+    )
+    phase_table = (
+        f"<div class='scroll'><table class='phases'><thead><tr><th>phase</th><th class='num'>compute ({e(amount)})</th>"
+        f"<th class='num'>share</th><th>what it did</th></tr></thead><tbody>{phase_rows}</tbody></table></div>"
+    )
+    note = (
+        f"Each candidate's validation loss ({e(unit)}) at the end of each rung it ran: a run of that length, measured on a cooldown "
+        "branch of the candidate's stable phase (WSD), read from its run (constant schedules, schedule-free) or trained "
+        "for that length (cosine). The best of each rung ran the next; the last rung is the full budget."
+    )
+    return (
+        "<section id='race'><h2>The race</h2>"
+        f"<p class='note'>{note}</p>{table}"
+        f"<h2 style='margin-top:18px'>Compute by phase</h2>{phase_table}"
+        f"{_figures([figure]) if figure is not None else ''}</section>"
+    )

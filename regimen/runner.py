@@ -14,6 +14,7 @@ import importlib.util
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,9 @@ def run_training(
     quiet: bool = False,
     overwrite: bool = False,
     allow_change: bool = False,
+    build: Callable[[Strategy], Any] | None = None,
 ) -> int:
-    """Train the built-in task of `strategy` into `run_dir`; returns the exit code.
+    """Train the built-in task of `strategy` (or the task `build(resolved strategy)` returns) into `run_dir`; returns the exit code.
 
     Order matters for what a failure leaves behind: the run directory is checked, the strategy
     compared with the run's, and the data and model built before anything is written; only
@@ -85,7 +87,7 @@ def run_training(
         rundir.check_location(run_dir)
         if resume is not None:
             changes = check_strategy_changes(run_dir, resume, resolved, allow_change)
-    task = build_task(resolved)
+    task = build(resolved) if build is not None else build_task(resolved)
     created = run_dir is not None and not run_dir.exists()
     trainer = Trainer(resolved, task, run_dir)
     launch.keep_until_exit(trainer)  # a torchrun worker must not destroy its process group (regimen.launch)

@@ -119,7 +119,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """`[data]`: `stdlib`, `text:PATH`, `tokens:PATH` (uint16 nanoGPT .bin) or `synthetic`."""
+    """`[data]`: `stdlib`, `text:PATH`, `tokens:PATH` (uint16 nanoGPT .bin), `synthetic` or `shapes`."""
 
     source: str = "stdlib"
     val_fraction: float = 0.1
@@ -152,6 +152,8 @@ class DataConfig:
         _positive("data", "num_features", self.num_features)
         if self.num_classes < 2:
             _fail("data", "num_classes", self.num_classes, "must be >= 2")
+        if self.kind == "shapes" and self.num_classes > 10:
+            _fail("data", "num_classes", self.num_classes, "the shapes set has 10 shapes: at most 10 classes")
 
 
 @dataclass

@@ -154,7 +154,7 @@ def build_task(strategy: Strategy) -> Task:
     data = load_source(strategy.data, strategy.model.context)
     torch.manual_seed(strategy.train.seed)  # the model's initial weights follow the seed
     model = build_model(strategy.model, vocab_size=data.vocab_size, num_features=data.num_features, num_classes=data.num_classes)
-    metrics = ["accuracy"] if strategy.model.name == "mlp" else []
+    metrics = ["accuracy"] if strategy.model.name in ("mlp", "cnn") else []
     task = Task(model, data, loss=cross_entropy, metrics=resolve_metrics(metrics))
     if ":" in strategy.model.name:
         _check_outputs(task, strategy.model.name)

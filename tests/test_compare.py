@@ -152,10 +152,13 @@ def test_jobs_and_a_diverging_run(tmp_path: Path) -> None:
 
 
 def test_child_threads_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("regimen.compare.usable_cores", lambda: 8)
+    monkeypatch.setattr("regimen.executors.usable_cores", lambda: 8)  # the executors own the split of the cores
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert child_env(2)["OMP_NUM_THREADS"] == "4"
     assert child_env(3)["OMP_NUM_THREADS"] == "2"
     assert child_env(16)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a count the caller set is an upper bound
+    assert child_env(1)["OMP_NUM_THREADS"] == "3" and child_env(4)["OMP_NUM_THREADS"] == "2"
 
 
 @pytest.mark.parametrize(
@@ -308,3 +311,17 @@ def test_vary_without_config_starts_from_the_default_task() -> None:
     assert plan.runs[0].resolved.replace({"optimizer.lr": default.optimizer.lr}).flat() == default.resolve().flat() | {
         "checkpoint.every_minutes": 1.0
     }
+
+
+def test_executors_run_the_runs(tmp_path: Path) -> None:
+    """`--executor slurm` (submitit's LocalExecutor here) and `--executor inline` train the same runs as local processes."""
+    from tests.conftest import need
+
+    need("submitit")
+    outs = {}
+    for executor, extra in (("slurm", ["--slurm", "local=true", "--jobs", "2"]), ("inline", [])):
+        out = tmp_path / executor
+        r = run_cli("compare", str(BLANK), *TASK, "--vary", "optimizer.lr=0.1,0.05", "--executor", executor, *extra, "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        outs[executor] = {d.name: load_run(d).final_loss for d in out.iterdir() if (d / "metrics.jsonl").is_file()}
+    assert outs["slurm"] == outs["inline"] and len(outs["slurm"]) == 2
