@@ -135,8 +135,19 @@ class Dist:
             dist.barrier()
 
     def close(self) -> None:
+        """Leave the process group. The group object itself is kept until the process ends (see `_RETIRED`)."""
         if self.enabled and dist.is_initialized():
+            _RETIRED.append(dist.group.WORLD)
             dist.destroy_process_group()
+
+
+# Process groups this process left, kept alive until it ends. After `destroy_process_group` the
+# last holder of a group is often a DDP reducer or an FSDP mesh; freeing that object then
+# destroys the group, which joins gloo's threads while this thread holds the GIL, and a gloo
+# thread still releasing the last collective's tensors waits for the GIL: a deadlock (seen in
+# `regimen train --nproc` and in benchmarks/step_memory). Kept here, a group is destroyed only
+# when the process ends (a torchrun worker of regimen's ends with os._exit: regimen.launch).
+_RETIRED: list[Any] = []
 
 
 def attempt_store(world: int, timeout: datetime.timedelta) -> dist.Store | None:

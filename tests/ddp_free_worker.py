@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from regimen.launch import end_worker
 from regimen.strategy import Strategy
 from regimen.task import build_task
 from regimen.trainer import Trainer
@@ -35,3 +36,4 @@ if __name__ == "__main__":
     train_and_free(sys.argv[1])
     if int(os.environ.get("RANK", "0")) == 0:
         print("freed", flush=True)
+    end_worker(0)  # as regimen's workers end: the interpreter's finalization is another story (regimen.launch)

@@ -60,8 +60,10 @@ def test_finished_multiprocess_run_exits_zero(repeat: int, corpus: Path, tmp_pat
 def test_freeing_a_ddp_trainer_never_hangs(repeat: int, corpus: Path) -> None:
     """A DDP trainer freed in a torchrun worker after its process group was destroyed (what
     `regimen train` and benchmarks/step_memory do): before the fix 1 of 6 such runs hung for good
-    in `~ProcessGroupGloo` here (3 of 8 of step_memory's); three repeats would all pass with the
-    bug present with probability (5/6)^3, about 58%: a weak guard, kept because it is cheap."""
+    in `~ProcessGroupGloo` here (3 of 8 of step_memory's; a sleep before the reducer is freed made
+    it rarer but not gone, keeping left groups alive until the process ends removed it); three
+    repeats would all pass with the bug present with probability (5/6)^3, about 58%: a weak guard,
+    kept because it is cheap."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ROOT / "tests" / "ddp_free_worker.py")]
     env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
     r = subprocess.run([*cmd, str(corpus)], capture_output=True, text=True, timeout=90, env=env, cwd=ROOT)
