@@ -63,6 +63,8 @@ import shutil
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -395,6 +397,15 @@ class _Part:
     optional: bool = False
 
 
+@dataclass
+class _PendingSave:
+    """A save whose tensors a background thread is writing (`Checkpointer.background`)."""
+
+    step: int
+    tmp: Path
+    future: Future[None]
+
+
 # --------------------------------------------------------------------------------------------
 # The checkpointer
 # --------------------------------------------------------------------------------------------
@@ -456,6 +467,7 @@ class Checkpointer:
         dist: Dist | None = None,
         device: torch.device | None = None,
         files: Mapping[str, Callable[[], str]] | None = None,
+        background: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else None  # None: loads a path given, saves nothing
         self.root = checkpoint_dir(run_dir) if run_dir is not None else None
@@ -464,6 +476,11 @@ class Checkpointer:
         self.device = device or torch.device("cpu")
         self.files = dict(files or {})  # extra text files rank 0 writes into each checkpoint
         self.parts: dict[str, _Part] = {}
+        self.background = background  # write the tensors on a background thread (see `save`)
+        self._pending: _PendingSave | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._stager: Any = None  # DCP's DefaultStager, kept so its staging buffers are reused
+        self._group: Any = None  # a gloo group of its own for the background write's collectives
 
     def add(self, name: str, obj: Stateful, kind: Kind, optional: bool = False) -> None:
         """Checkpoint `obj` under `name`, stored as `kind` (see the module docstring)."""
@@ -489,8 +506,13 @@ class Checkpointer:
         A write error on any rank (a full disk, a lost mount) removes the partial save on every
         rank's behalf and raises one `UserError` saying the previous checkpoint is intact;
         Ctrl-C does the same and then raises `KeyboardInterrupt`.
+
+        With `background`, it returns once the small parts are written and the tensors copied
+        (DCP's staging): a thread writes the tensors, checksums, renames and prunes, and a
+        failure of that write is raised the same way by the next `poll`, `wait`, `save` or `load`.
         """
         assert self.root is not None, "saving needs a run directory"
+        self.wait()  # one save at a time: the previous one is published (or its failure raised) first
         d = self.dist
         name = f"{step:08d}"
         tmp, final = self.root / f"{TMP_PREFIX}{name}", self.root / f"{PREFIX}{name}"
@@ -506,13 +528,23 @@ class Checkpointer:
             if self._any_rank_failed(error is not None):
                 self._failed(step, tmp, error)
             try:
-                self._write(tmp)
+                if self.background:
+                    self._write_small(tmp)
+                    staged = self._stage()
+                else:
+                    self._write(tmp)
             except (OSError, CheckpointException) as e:  # DCP wraps each rank's error in CheckpointException
                 if _interrupted(e):
                     raise KeyboardInterrupt from None
                 error = e
             if self._any_rank_failed(error is not None):
                 self._failed(step, tmp, error)
+            if self.background:
+                if self._writer is None:
+                    self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="regimen-checkpoint")
+                future = self._writer.submit(self._write_and_publish, staged, tmp, final, name, step)
+                self._pending = _PendingSave(step, tmp, future)
+                return final
             if d.is_main:
                 try:
                     self._publish(tmp, final, name)
@@ -529,10 +561,14 @@ class Checkpointer:
         return final
 
     def _write(self, tmp: Path) -> None:
-        d = self.dist
         for part in self._of("tensors").values():
             with _during_io(part.obj), _quiet_single_process():
                 dcp.save(part.obj.state_dict(), storage_writer=dcp.FileSystemWriter(str(tmp)))
+        self._write_small(tmp)
+
+    def _write_small(self, tmp: Path) -> None:
+        """The "rank" and "json" parts and the extra files: small, written in the step loop in either mode."""
+        d = self.dist
         for part_name, part in self._of("rank").items():
             state = part.obj.state_dict()
             if state:
@@ -542,6 +578,100 @@ class Checkpointer:
             (tmp / JSON_FILE).write_text(json.dumps(plain, indent=1))
             for file, text in self.files.items():
                 (tmp / file).write_text(text())
+
+    # ---- saving in the background --------------------------------------------------------
+
+    def _stage(self) -> Any:
+        """A copy of the "tensors" part's state in host memory (DCP's stager): training may go on changing the original."""
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        ((_, part),) = self._of("tensors").items()
+        if self._stager is None:
+            # Synchronous staging (the copy is made now, in the step loop), no pinned or shared memory.
+            self._stager = DefaultStager(StagingOptions(False, False, False, False))
+        with _during_io(part.obj):
+            return self._stager.stage(part.obj.state_dict())
+
+    def _write_and_publish(self, staged: Any, tmp: Path, final: Path, name: str, step: int) -> None:
+        """The background thread: DCP writes the staged tensors, then rank 0 publishes and prunes."""
+        if self.dist.enabled and self._group is None:
+            import torch.distributed as torch_dist
+
+            # The step loop's collectives go on in the main thread: DCP's must not share their group.
+            self._group = torch_dist.new_group(backend="gloo")
+        with _quiet_single_process():
+            dcp.save(staged, storage_writer=dcp.FileSystemWriter(str(tmp)), process_group=self._group, no_dist=not self.dist.enabled)
+        if self.dist.is_main:
+            self._publish(tmp, final, name)
+            self._prune(step)
+
+    def pending(self) -> int | None:
+        """The step of the save being written in the background, or None."""
+        return self._pending.step if self._pending is not None else None
+
+    def poll(self) -> None:
+        """Called once per step while a background save is in flight: finish it when every rank's write is done.
+
+        A failure on any rank is raised here, on every rank at the same step, as `save` raises it
+        (one `UserError` saying the previous checkpoint is intact; Ctrl-C as `KeyboardInterrupt`).
+        With several ranks this costs one small all-reduce per step until the write is done.
+        """
+        if self._pending is not None:
+            self._settle(wait=False)
+
+    def wait(self) -> None:
+        """Block until the background save (if any) is written and published; raise its failure."""
+        if self._pending is not None:
+            self._settle(wait=True)
+
+    def _settle(self, wait: bool) -> None:
+        pending = self._pending
+        assert pending is not None
+        future = pending.future
+        if wait:
+            futures_wait([future])
+        done = future.done()
+        error = future.exception() if done else None
+        failed = error is not None
+        if self.dist.enabled:  # every rank leaves the pending state at the same step
+            flags = torch.tensor([float(not done), float(failed)], device=self.device)
+            not_done, any_failed = self.dist.all_reduce_sum(flags).tolist()
+            if any_failed == 0 and not_done > 0:
+                return
+            failed = any_failed > 0
+        elif not done:
+            return
+        self._pending = None
+        if not failed:
+            return
+        futures_wait([future])  # this rank's thread is done with the directory before it is removed
+        error = future.exception()
+        if error is not None and _interrupted(error):
+            if self.dist.is_main:
+                shutil.rmtree(pending.tmp, ignore_errors=True)
+            raise KeyboardInterrupt
+        if error is not None and not isinstance(error, (OSError, CheckpointException)):
+            raise error  # a bug, not a write error: as the synchronous save would raise it
+        self._failed(pending.step, pending.tmp, error)
+
+    def close(self) -> None:
+        """Finish a background save (written, published) before the process moves on; any failure is dropped.
+
+        For the error paths of a run (an exception is already on its way): a save whose write
+        completes is a whole checkpoint of its step, published as any other; one that fails is
+        removed. Safe to call twice.
+        """
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            futures_wait([pending.future])
+            if pending.future.exception() is not None and self.dist.is_main:
+                shutil.rmtree(pending.tmp, ignore_errors=True)
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def _publish(self, tmp: Path, final: Path, name: str) -> None:
         """Checksums, COMPLETE, fsync, rename into place: a reader sees the whole checkpoint or none of it."""
@@ -592,6 +722,7 @@ class Checkpointer:
         from a shard that passed verification; any error is a `UserError` naming the checkpoint
         (`CheckpointMismatch` for another model or optimizer).
         """
+        self.wait()  # a background save in flight is published first (or its failure raised)
         path = Path(path)
         if not is_complete(path):
             raise UserError(

@@ -418,11 +418,14 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    """`[checkpoint]`: cadence (steps and/or minutes; 0 = only at the end) and how many to keep."""
+    """`[checkpoint]`: cadence (steps and/or minutes; 0 = only at the end), how many to keep, and how they are written."""
 
     every: int = 0
     every_minutes: float = 0.0
     keep: int = 2
+    # Write the tensors on a background thread: the step loop pays for a copy of the model and
+    # optimizer state, not for the write (docs/reliability.md, "Checkpoints").
+    async_save: bool = True
 
     def validate(self) -> None:
         if self.every < 0:
@@ -622,6 +625,7 @@ SAFE_TO_CHANGE = frozenset(
         "checkpoint.every",
         "checkpoint.every_minutes",
         "checkpoint.keep",
+        "checkpoint.async_save",
     }
 )
 # ... and every observe key but the noise estimator's, which is part of the training state.
