@@ -5,17 +5,18 @@ gradients `zero_grad(set_to_none=True)` drops, the optimizer's temporaries). gli
 serves buffers above its mmap threshold with fresh `mmap`s and gives the top of its heap back to
 the kernel once more than its trim threshold is free; both thresholds move by themselves as the
 program frees memory (its "dynamic threshold"). Whether a training process settles where the
-step's buffers are reused, or where they are unmapped and faulted in again every step, depends
-on the order of its allocations: measured on the 10M GPT of `benchmarks/loop_speed.py`, one
-process of the hand-written loop or of regimen's trainer makes no page fault per step and the
-next makes 15,000-20,000 (60-80 MiB of fresh pages, each zeroed by the kernel: about 1 us of CPU
-each here, 15-20 ms of a 450 ms step). That was the 10M loop-speed gap of issue 15, and the
-spread between repeats of every loop (BENCHMARKS.md, "profile_step").
+step's buffers are reused, or where they are unmapped and faulted in again, depends on the order
+of its allocations: on the 10M GPT of `benchmarks/loop_speed.py` (second half of 24 steps, four
+fresh processes each), the hand-written loop averaged 1,900 to 4,200 page faults a step and
+regimen's trainer 0 to 8,000, with single steps of 14,000-17,500 (55-70 MiB of fresh pages, each
+zeroed by the kernel: about 1 us of CPU each here, so up to 8 ms a step on average and 17 ms in
+one step, of a 450 ms step). Part of the 10M loop-speed gap of issue 15, and of the spread
+between fresh processes of every loop (BENCHMARKS.md, "profile_step").
 
 `keep_freed_memory()` fixes both thresholds (mmap at glibc's largest, 32 MiB; trim at the largest
 `mallopt` takes, 2 GiB, so in practice never), so freed buffers stay in the process and the next
-step reuses them: after the first steps, a step makes no page fault. The price: memory a step freed is not returned to the kernel
-while training runs (the process's resident size stays at its peak, which the step reaches
+step reuses them: after the first steps, a step makes no page fault. The price: memory a step
+freed is not returned to the kernel while training runs (the process's resident size stays at its peak, which the step reaches
 anyway); `release_freed_memory()` hands it back at the end of a run. The trainer calls both on
 CPU runs (`Trainer.fit`); `REGIMEN_MALLOC=default` leaves glibc's own behaviour. Other C
 libraries (musl, macOS) are left alone: the calls do nothing there.

@@ -4,9 +4,10 @@
 B      = batch_schedule(progress)            # global batch, in samples
 lr     = lr_schedule(progress) * scale(B)    # scaling rule vs the reference batch
 split B over world_size ranks, then into micro-batches of at most `micro` on each rank
+(the next step's micro-batches are gathered in the background meanwhile: regimen.prefetch)
 for each micro-batch: loss * (b_i / B) * world_size -> backward (no gradient sync but the last)
 (noise-scale statistics from the micro-batch and global gradient norms, where enabled)
-clip -> optimizer.step() -> zero_grad
+gradient norm (the non-finite guard) -> clip if above train.clip -> optimizer.step() -> zero_grad
 progress += (1 step, B samples, B*T tokens); log / eval / checkpoint on their cadence
 ```
 
@@ -16,7 +17,11 @@ so each rank's micro-batch loss is weighted by `b_i / B * world_size`.
 Host synchronisation: one per step. The loss, the gradient norm and the small-batch gradient
 norm travel in one all-reduced vector that is read on the host, because a non-finite step
 must be skipped on every rank together (DESIGN, "Bad input and faults"). On a CPU that read is
-free; on CUDA it is one sync at the end of the backward pass.
+free; on CUDA it is one sync at the end of the backward pass. Clipping uses it: the gradients
+are multiplied only when their norm is above the limit (bit for bit torch's clip_grad_norm_).
+
+Checkpoints are written in the background by default (`checkpoint.async_save`); the loop polls
+the save in flight once per step, and waits for it before a rollback and at the end.
 
 Example:
     >>> from regimen.strategy import Strategy

@@ -11,7 +11,7 @@
   main thread.
 - Host memory: after `keep_freed_memory()` a step's buffers, freed and taken again, make no page
   fault, even where glibc was set to map and unmap them (its thresholds fixed low, which is where
-  its moving thresholds can leave a process: the state each step then pays 20,000 faults in).
+  its moving thresholds can leave a process, which then faults in up to 17,500 pages in a step).
 """
 
 from __future__ import annotations
