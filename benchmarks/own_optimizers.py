@@ -58,7 +58,7 @@ def implementations(algorithm: str) -> dict[str, Factory]:
     """Every implementation of `algorithm` importable here: label -> factory(groups)."""
     import torch
 
-    from regimen.optim import _own
+    from regimen.registry import OPTIMIZERS
 
     lr = LR[algorithm]
     out: dict[str, Factory] = {}
@@ -66,7 +66,7 @@ def implementations(algorithm: str) -> dict[str, Factory]:
         out["torch foreach"] = functools.partial(torch.optim.AdamW, lr=lr, weight_decay=WEIGHT_DECAY, foreach=True)
         out["torch fused"] = functools.partial(torch.optim.AdamW, lr=lr, weight_decay=WEIGHT_DECAY, fused=True)
         return out
-    own = _own(algorithm)
+    own = OPTIMIZERS[algorithm].load()
     out["regimen"] = functools.partial(own, lr=lr, weight_decay=WEIGHT_DECAY)
     if algorithm == "lion":
         out["regimen foreach (fused=False)"] = functools.partial(own, lr=lr, weight_decay=WEIGHT_DECAY, fused=False)

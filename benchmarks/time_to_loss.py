@@ -208,7 +208,7 @@ def corpus_table(corpus: str, quick: bool) -> Table:
                 LABELS[name],
                 final,
                 hit[0],
-                hit[0] * tokens_per_step,
+                float(hit[0] * tokens_per_step),
                 t[1],
                 statistics.median(per_round[name]) * 1000,
                 t[1] / base[1],
