@@ -542,6 +542,10 @@ class Checkpointer:
             if self.background:
                 if self._writer is None:
                     self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="regimen-checkpoint")
+                if d.enabled and self._group is None:
+                    # Every rank, here in the step loop: DCP's collectives on the writer thread must not
+                    # share a group with the step loop's, which go on meanwhile.
+                    self._group = torch.distributed.new_group(backend="gloo")
                 future = self._writer.submit(self._write_and_publish, staged, tmp, final, name, step)
                 self._pending = _PendingSave(step, tmp, future)
                 return final
@@ -594,11 +598,6 @@ class Checkpointer:
 
     def _write_and_publish(self, staged: Any, tmp: Path, final: Path, name: str, step: int) -> None:
         """The background thread: DCP writes the staged tensors, then rank 0 publishes and prunes."""
-        if self.dist.enabled and self._group is None:
-            import torch.distributed as torch_dist
-
-            # The step loop's collectives go on in the main thread: DCP's must not share their group.
-            self._group = torch_dist.new_group(backend="gloo")
         with _quiet_single_process():
             dcp.save(staged, storage_writer=dcp.FileSystemWriter(str(tmp)), process_group=self._group, no_dist=not self.dist.enabled)
         if self.dist.is_main:
