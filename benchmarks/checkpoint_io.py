@@ -11,8 +11,8 @@ then the rename into place. The baseline is the plain PyTorch way with the same 
 several repeats, in a fresh directory under the system's temporary directory (`--dir` for
 another disk: the disk decides most of it).
 
-regimen saves in two ways: synchronously (`checkpoint.async_save = false`: the step loop waits
-for the whole save) and in the background (the default): the step loop pays for the small files
+regimen saves in two ways: synchronously (`checkpoint.async_save = false`, the default on CPU:
+the step loop waits for the whole save) and in the background (`true`, the default on CUDA): the step loop pays for the small files
 and a copy of the tensors (DCP's staging), and a thread writes, checksums, fsyncs and renames
 while training goes on. Both are timed, interleaved (one of each per repeat): the background
 save's part in the step loop (`save()` returning) and its whole write (until the checkpoint is

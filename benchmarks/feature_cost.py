@@ -4,8 +4,8 @@ The workload is `loop_speed`'s (the built-in GPT, stdlib corpus, batch 12, fused
 regimen's `Trainer.fit` with one feature on at a time (`loop_speed.FEATURES`): gradient clipping
 at 1.0; a warmup-stable-decay LR; an evaluation every quarter of the run on 48 fixed samples;
 the same with the text sample regimen writes after each evaluation on text sources (its default,
-64 tokens); a checkpoint every quarter of the run, written in the background (the default) and
-synchronously; the gradient-noise-scale estimate; and all of `loop_speed`'s features mode at
+64 tokens); a checkpoint every quarter of the run, written in the background (`checkpoint.async_save`,
+the default on CUDA) and synchronously (the default on CPU); the gradient-noise-scale estimate; and all of `loop_speed`'s features mode at
 once. "bare" has none of them (regimen still computes the gradient norm, for its non-finite
 guard).
 
@@ -34,8 +34,8 @@ CONFIGS: dict[str, list[str]] = {
     "WSD schedule": ["wsd"],
     "eval every N": ["eval"],
     "eval every N + text sample": ["eval", "samples"],
-    "checkpoint every N, background (default)": ["checkpoint"],
-    "checkpoint every N, synchronous": ["checkpoint_sync"],
+    "checkpoint every N, background (CUDA's default)": ["checkpoint"],
+    "checkpoint every N, synchronous (CPU's default)": ["checkpoint_sync"],
     "noise scale": ["noise"],
     "all of loop_speed's features mode": sorted(FEATURES_MODE),
 }

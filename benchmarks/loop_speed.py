@@ -13,8 +13,9 @@ weights. Two modes:
   validation samples, a checkpoint of model and optimizer every quarter of the run; and, in
   regimen only, the gradient-noise-scale estimate (the peers have none: regimen does more work).
   Each loop evaluates and saves its own way: the hand-written loop as nanoGPT (`torch.save` of
-  both state dicts), Lightning's `ModelCheckpoint`, HF's `save_strategy="steps"`, regimen's
-  default (DCP in the background, `checkpoint.async_save`).
+  both state dicts), Lightning's `ModelCheckpoint`, HF's `save_strategy="steps"`, regimen's DCP
+  checkpoint written in the background (`checkpoint.async_save = true`, the issue's ask; CPU runs
+  save synchronously by default: `benchmarks.feature_cost` times both).
 
 The loops:
 

@@ -529,7 +529,7 @@ class Checkpointer:
                 self._failed(step, tmp, error)
             try:
                 if self.background:
-                    self._write_small(tmp)
+                    self._write_plain(tmp)
                     staged = self._stage()
                 else:
                     self._write(tmp)
@@ -568,16 +568,21 @@ class Checkpointer:
         for part in self._of("tensors").values():
             with _during_io(part.obj), _quiet_single_process():
                 dcp.save(part.obj.state_dict(), storage_writer=dcp.FileSystemWriter(str(tmp)))
-        self._write_small(tmp)
+        self._write_ranked(tmp, self._ranked_states())
+        self._write_plain(tmp)
 
-    def _write_small(self, tmp: Path) -> None:
-        """The "rank" and "json" parts and the extra files: small, written in the step loop in either mode."""
-        d = self.dist
-        for part_name, part in self._of("rank").items():
-            state = part.obj.state_dict()
-            if state:
-                torch.save(state, tmp / f"{part_name}-rank{d.rank}.pt")
-        if d.is_main:
+    def _ranked_states(self) -> dict[str, Any]:
+        """The "rank" parts' states, by name (empty states left out)."""
+        states = {name: part.obj.state_dict() for name, part in self._of("rank").items()}
+        return {name: state for name, state in states.items() if state}
+
+    def _write_ranked(self, tmp: Path, states: dict[str, Any]) -> None:
+        for part_name, state in states.items():
+            torch.save(state, tmp / f"{part_name}-rank{self.dist.rank}.pt")
+
+    def _write_plain(self, tmp: Path) -> None:
+        """The "json" parts and the extra files (rank 0): small, written in the step loop in either mode."""
+        if self.dist.is_main:
             plain = {part_name: part.obj.state_dict() for part_name, part in self._of("json").items()}
             (tmp / JSON_FILE).write_text(json.dumps(plain, indent=1))
             for file, text in self.files.items():
@@ -585,21 +590,26 @@ class Checkpointer:
 
     # ---- saving in the background --------------------------------------------------------
 
-    def _stage(self) -> Any:
-        """A copy of the "tensors" part's state in host memory (DCP's stager): training may go on changing the original."""
+    def _stage(self) -> tuple[Any, dict[str, Any]]:
+        """Copies in host memory (DCP's stager) of the "tensors" part's state and of the "rank" parts'
+        (the noise pair is as large as the model): training may go on changing the originals."""
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
         ((_, part),) = self._of("tensors").items()
         if self._stager is None:
-            # Synchronous staging (the copy is made now, in the step loop), no pinned or shared memory.
+            # Synchronous staging (the copy is made now, in the step loop), no pinned or shared memory;
+            # the stager keeps its buffers across saves.
             self._stager = DefaultStager(StagingOptions(False, False, False, False))
         with _during_io(part.obj):
-            return self._stager.stage(part.obj.state_dict())
+            tensors = self._stager.stage(part.obj.state_dict())
+        return tensors, self._stager.stage(self._ranked_states())
 
-    def _write_and_publish(self, staged: Any, tmp: Path, final: Path, name: str, step: int) -> None:
-        """The background thread: DCP writes the staged tensors, then rank 0 publishes and prunes."""
+    def _write_and_publish(self, staged: tuple[Any, dict[str, Any]], tmp: Path, final: Path, name: str, step: int) -> None:
+        """The background thread: the "rank" parts, DCP's tensors, then rank 0 publishes and prunes."""
+        tensors, ranked = staged
+        self._write_ranked(tmp, ranked)
         with _quiet_single_process():
-            dcp.save(staged, storage_writer=dcp.FileSystemWriter(str(tmp)), process_group=self._group, no_dist=not self.dist.enabled)
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp)), process_group=self._group, no_dist=not self.dist.enabled)
         if self.dist.is_main:
             self._publish(tmp, final, name)
             self._prune(step)

@@ -424,8 +424,10 @@ class CheckpointConfig:
     every_minutes: float = 0.0
     keep: int = 2
     # Write the tensors on a background thread: the step loop pays for a copy of the model and
-    # optimizer state, not for the write (docs/reliability.md, "Checkpoints").
-    async_save: bool = True
+    # optimizer state, not for the write (docs/reliability.md, "Checkpoints"). Unset: in the
+    # background on CUDA, synchronously on CPU, where the step's threads use every core and a
+    # write beside them slows the steps it overlaps by more than it saves.
+    async_save: bool | None = None
 
     def validate(self) -> None:
         if self.every < 0:

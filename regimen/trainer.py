@@ -20,7 +20,7 @@ must be skipped on every rank together (DESIGN, "Bad input and faults"). On a CP
 free; on CUDA it is one sync at the end of the backward pass. Clipping uses it: the gradients
 are multiplied only when their norm is above the limit (bit for bit torch's clip_grad_norm_).
 
-Checkpoints are written in the background by default (`checkpoint.async_save`); the loop polls
+Checkpoints are written in the background where `checkpoint.async_save` says (by default on CUDA); the loop polls
 the save in flight once per step, and waits for it before a rollback and at the end.
 
 Example:
@@ -288,7 +288,8 @@ class Trainer:
     def _checkpointer(self, run_dir: Path | None) -> Checkpointer:
         """Everything a checkpoint holds, by name (see regimen.checkpoint)."""
         ckpt = self.strategy.checkpoint
-        c = Checkpointer(run_dir, keep=ckpt.keep, dist=self.dist, device=self.device, background=ckpt.async_save)
+        background = ckpt.async_save if ckpt.async_save is not None else self.device.type == "cuda"
+        c = Checkpointer(run_dir, keep=ckpt.keep, dist=self.dist, device=self.device, background=background)
         c.files["strategy.toml"] = self.strategy.to_toml
         c.add("model", ModelState(self.model, self.optimizer), "tensors")
         c.add("train", self.state, "json")

@@ -1,4 +1,4 @@
-"""Checkpoints written in the background (`checkpoint.async_save`, the default) keep every guarantee.
+"""Checkpoints written in the background (`checkpoint.async_save`, CUDA's default) keep every guarantee.
 
 The step loop pays for a copy of the model and optimizer state (DCP's staging) and goes on
 training while a thread writes, checksums and renames (docs/reliability.md, "Checkpoints").
@@ -7,8 +7,7 @@ later one; a kill while the write is in flight leaves the previous checkpoint wh
 resumes bit-exact; Ctrl-C then finishes the write and exits 130. A write error reported a step or
 more later is `tests/test_faults.py::test_write_error_while_saving[async]`; Ctrl-C raised inside
 the write, `tests/test_hostile_inputs.py::test_ctrl_c_during_a_save_is_an_ordinary_interrupt[async]`;
-a kill during the copy itself (and a DDP job), `tests/test_resume.py`, whose runs save in the
-background by default.
+a kill during the copy itself in a DDP job, `tests/test_resume.py::test_sigkilled_three_times_resumes_bit_exact[ddp]`.
 """
 
 from __future__ import annotations
@@ -57,24 +56,42 @@ def test_a_background_save_holds_the_state_of_its_step(tmp_path: Path, monkeypat
     model(torch.randn(3, 8)).sum().backward()
     optimizer.step()
     saved = {k: v.clone() for k, v in model.state_dict().items()}
+    kept = Live(torch.arange(4.0))  # a "rank" part whose state is a live buffer, as the noise pair's
     ckpt = Checkpointer(tmp_path, keep=2, background=True)
     ckpt.add("model", ModelState(model, optimizer), "tensors")
+    ckpt.add("kept", kept, "rank")
     path = ckpt.save(step=1)
     assert ckpt.pending() == 1 and not path.exists(), "the save returned before its write: it is in flight"
     with torch.no_grad():  # training goes on while the write waits
         for p in model.parameters():
             p.add_(1.0)
+        kept.t.mul_(10.0)
     gate.set()
     ckpt.wait()
     assert ckpt.pending() is None and is_complete(path)
 
-    fresh = torch.nn.Linear(8, 4)
+    fresh, fresh_kept = torch.nn.Linear(8, 4), Live(torch.zeros(4))
     other = Checkpointer(tmp_path, keep=2)
     other.add("model", ModelState(fresh, torch.optim.AdamW(fresh.parameters(), lr=0.1)), "tensors")
+    other.add("kept", fresh_kept, "rank")
     other.load(path)
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, saved[k]), f"{k}: the checkpoint holds a later state than its step's"
+    assert fresh_kept.t.tolist() == [0.0, 1.0, 2.0, 3.0], "the rank part holds a later state than its step's"
     ckpt.close()
+
+
+class Live:
+    """A stateful part whose `state_dict` hands out its live tensor (changed in place later)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"t": self.t}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.t = state["t"].clone()
 
 
 # ---- real processes: a kill and a Ctrl-C while the background write is in flight ---------------
@@ -92,7 +109,7 @@ def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _frozen_in_the_write(corpus: Path, tmp_path: Path) -> tuple[Job, Path, list[str]]:
     """A fresh run stopped with the write of step 15 in flight, the step loop at step 17."""
-    args = strategy_args(corpus, *FREEZING)
+    args = strategy_args(corpus, *FREEZING, "checkpoint.async_save=true")
     run = tmp_path / "run"
     tmp = run / "checkpoints" / f".tmp-step-{STEP:08d}"
     job = Job(args, run, tmp_path / "log1.txt", freeze=f"write:{tmp}:{AFTER}")

@@ -220,7 +220,9 @@ def latest_step(run_dir: Path) -> int:
 KINDS = {
     "fixed": [],
     "random": ["batch.schedule=random", "batch.min=4", "batch.max=16"],
-    "ddp": ["parallel.mode=ddp", "--nproc", "2"],
+    # Saved in the background (CUDA's default; CPU saves synchronously by default): the ranks'
+    # background writes and their per-step agreement are under the kills too.
+    "ddp": ["parallel.mode=ddp", "checkpoint.async_save=true", "--nproc", "2"],
 }
 
 
@@ -255,7 +257,7 @@ def test_sigkilled_three_times_resumes_bit_exact(kind: str, corpus: Path, tmp_pa
     checkpoints = run / "checkpoints"
 
     # 1. A fresh run, killed between saves: in step 7, after the checkpoint of step 5 (published:
-    #    saved in the background by default, it may still be in flight at step 7 on a slow machine).
+    #    saved in the background, as under ddp here and on CUDA, it may still be in flight at step 7).
     job = Job(args, run, tmp_path / "log1.txt", freeze=f"forward:7:{checkpoints / 'step-00000005'}")
     job.wait_until(job.stopped, "the stop in step 7")
     job.kill()
