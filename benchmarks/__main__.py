@@ -29,6 +29,7 @@ from benchmarks.common import BENCHMARKS_MD, ROOT, Section, machine, set_threads
 # so the runner keeps working while benchmarks are added.
 SUITE = (
     "loop_speed",
+    "feature_cost",
     "hf_fit",
     "time_to_loss",
     "profile_step",

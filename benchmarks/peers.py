@@ -98,15 +98,23 @@ def importable(python: str) -> dict[str, Any]:
 
 
 def lightning_loop(w: Workload) -> tuple[list[float], float]:
-    """(c) `lightning.Trainer.fit` on the workload; a timestamp after every optimizer step."""
+    """(c) `lightning.Trainer.fit` on the workload; a timestamp after every optimizer step.
+
+    Features mode: `gradient_clip_val`, the WSD LR as a per-step `LambdaLR`, validation every
+    `w.every` steps (`val_check_interval`) on the fixed samples, `ModelCheckpoint` every
+    `w.every` steps (model and optimizer, `torch.save`).
+    """
     import lightning as L
+    import torch
     import torch.nn.functional as F
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader, TensorDataset
 
-    from benchmarks.loop_speed import make_optimizer
+    from benchmarks.loop_speed import BATCH, lr_multiplier, make_optimizer
 
     stamps: list[float] = []
     losses: list[float] = []
+    schedule = lr_multiplier(w.features, w.steps)
 
     class LitGPT(L.LightningModule):
         def __init__(self, model: Any) -> None:
@@ -118,8 +126,16 @@ def lightning_loop(w: Workload) -> tuple[list[float], float]:
             logits = self.model(x)
             return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
 
+        def validation_step(self, batch: Any, batch_idx: int) -> Any:
+            x, y = batch
+            return F.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
+
         def configure_optimizers(self) -> Any:
-            return make_optimizer(self.model)
+            optimizer = make_optimizer(self.model)
+            if not w.features:
+                return optimizer
+            lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)  # type: ignore[arg-type]
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
 
     class Stamp(L.Callback):
         # Lightning's automatic optimisation steps the optimizer before this hook.
@@ -129,33 +145,43 @@ def lightning_loop(w: Workload) -> tuple[list[float], float]:
 
     x, y = w.samples()
     loader = DataLoader(TensorDataset(x, y), batch_size=w.batch, shuffle=False)  # in the workload's order
+    callbacks: list[Any] = [Stamp()]
+    options: dict[str, Any] = {"enable_checkpointing": False, "limit_val_batches": 0}
+    val_loader = None
+    if w.features:
+        vx, vy = w.val_samples()
+        val_loader = DataLoader(TensorDataset(vx, vy), batch_size=BATCH)
+        callbacks.append(ModelCheckpoint(dirpath=w.save_dir, every_n_train_steps=w.every, save_top_k=-1, save_last=False))
+        options = {"enable_checkpointing": True, "val_check_interval": w.every, "check_val_every_n_epoch": None}
     trainer = L.Trainer(
         max_steps=w.steps,
         accelerator="cpu",
         devices=1,
         logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        limit_val_batches=0,
-        gradient_clip_val=w.clip,
-        callbacks=[Stamp()],
+        gradient_clip_val=w.clip or None,
+        callbacks=callbacks,
+        default_root_dir=w.save_dir,
+        **options,
     )
-    trainer.fit(LitGPT(w.model), loader)
+    trainer.fit(LitGPT(w.model), loader, val_loader)
     return stamps, losses[-1]
 
 
 def hf_loop(w: Workload) -> tuple[list[float], float]:
-    """(d) `transformers.Trainer.train` on the workload, with our optimizer and a constant LR."""
-    import tempfile
+    """(d) `transformers.Trainer.train` on the workload, with our optimizer and LR schedule.
 
+    Features mode: `max_grad_norm`, the WSD LR as a `LambdaLR`, `eval_strategy="steps"` on the
+    fixed samples and `save_strategy="steps"` (model and optimizer) every `w.every` steps.
+    """
     import torch
     import torch.nn.functional as F
     from torch import nn
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from benchmarks.loop_speed import make_optimizer
+    from benchmarks.loop_speed import BATCH, lr_multiplier, make_optimizer
 
     stamps: list[float] = []
 
@@ -170,8 +196,16 @@ def hf_loop(w: Workload) -> tuple[list[float], float]:
         def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
             logits = self.model(input_ids)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1))
-            self.last_loss = loss.detach()
+            if self.training:
+                self.last_loss = loss.detach()
             return {"loss": loss}
+
+        def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+            # The head is tied to the embedding: saved once, as save_pretrained saves a tied weight
+            # (HF's Trainer writes a plain module's state dict with safetensors, which refuses aliases).
+            state = super().state_dict(*args, **kwargs)
+            state.pop("model.head.weight", None)
+            return state
 
     class Samples(torch.utils.data.Dataset):
         def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -189,23 +223,36 @@ def hf_loop(w: Workload) -> tuple[list[float], float]:
 
     lm = LM(w.model)
     optimizer = make_optimizer(w.model)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # type: ignore[arg-type]
-    with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out,
-            max_steps=w.steps,
-            per_device_train_batch_size=w.batch,
-            max_grad_norm=w.clip,
-            use_cpu=True,
-            report_to="none",
-            save_strategy="no",
-            disable_tqdm=True,
-            remove_unused_columns=False,
-            dataloader_pin_memory=False,
-        )
-        x, y = w.samples()
-        trainer = Trainer(model=lm, args=args, train_dataset=Samples(x, y), optimizers=(optimizer, schedule), callbacks=[Stamp()])
-        trainer.train()
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(w.features, w.steps))  # type: ignore[arg-type]
+    features: dict[str, Any] = {"save_strategy": "no", "eval_strategy": "no"}
+    eval_dataset = None
+    if w.features:
+        eval_dataset = Samples(*w.val_samples())
+        features = {
+            "save_strategy": "steps",
+            "save_steps": w.every,
+            "eval_strategy": "steps",
+            "eval_steps": w.every,
+            "per_device_eval_batch_size": BATCH,
+            "prediction_loss_only": True,
+        }
+    args = TrainingArguments(
+        output_dir=w.save_dir,
+        max_steps=w.steps,
+        per_device_train_batch_size=w.batch,
+        max_grad_norm=w.clip,
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+        **features,
+    )
+    x, y = w.samples()
+    trainer = Trainer(
+        model=lm, args=args, train_dataset=Samples(x, y), eval_dataset=eval_dataset, optimizers=(optimizer, schedule), callbacks=[Stamp()]
+    )
+    trainer.train()
     return stamps, float(lm.last_loss)
 
 

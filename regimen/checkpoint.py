@@ -63,6 +63,8 @@ import shutil
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -395,6 +397,15 @@ class _Part:
     optional: bool = False
 
 
+@dataclass
+class _PendingSave:
+    """A save whose tensors a background thread is writing (`Checkpointer.background`)."""
+
+    step: int
+    tmp: Path
+    future: Future[None]
+
+
 # --------------------------------------------------------------------------------------------
 # The checkpointer
 # --------------------------------------------------------------------------------------------
@@ -456,6 +467,7 @@ class Checkpointer:
         dist: Dist | None = None,
         device: torch.device | None = None,
         files: Mapping[str, Callable[[], str]] | None = None,
+        background: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else None  # None: loads a path given, saves nothing
         self.root = checkpoint_dir(run_dir) if run_dir is not None else None
@@ -464,6 +476,11 @@ class Checkpointer:
         self.device = device or torch.device("cpu")
         self.files = dict(files or {})  # extra text files rank 0 writes into each checkpoint
         self.parts: dict[str, _Part] = {}
+        self.background = background  # write the tensors on a background thread (see `save`)
+        self._pending: _PendingSave | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._stager: Any = None  # DCP's DefaultStager, kept so its staging buffers are reused
+        self._group: Any = None  # a gloo group of its own for the background write's collectives
 
     def add(self, name: str, obj: Stateful, kind: Kind, optional: bool = False) -> None:
         """Checkpoint `obj` under `name`, stored as `kind` (see the module docstring)."""
@@ -489,8 +506,13 @@ class Checkpointer:
         A write error on any rank (a full disk, a lost mount) removes the partial save on every
         rank's behalf and raises one `UserError` saying the previous checkpoint is intact;
         Ctrl-C does the same and then raises `KeyboardInterrupt`.
+
+        With `background`, it returns once the small parts are written and the tensors copied
+        (DCP's staging): a thread writes the tensors, checksums, renames and prunes, and a
+        failure of that write is raised the same way by the next `poll`, `wait`, `save` or `load`.
         """
         assert self.root is not None, "saving needs a run directory"
+        self.wait()  # one save at a time: the previous one is published (or its failure raised) first
         d = self.dist
         name = f"{step:08d}"
         tmp, final = self.root / f"{TMP_PREFIX}{name}", self.root / f"{PREFIX}{name}"
@@ -506,13 +528,27 @@ class Checkpointer:
             if self._any_rank_failed(error is not None):
                 self._failed(step, tmp, error)
             try:
-                self._write(tmp)
+                if self.background:
+                    self._write_plain(tmp)
+                    staged = self._stage()
+                else:
+                    self._write(tmp)
             except (OSError, CheckpointException) as e:  # DCP wraps each rank's error in CheckpointException
                 if _interrupted(e):
                     raise KeyboardInterrupt from None
                 error = e
             if self._any_rank_failed(error is not None):
                 self._failed(step, tmp, error)
+            if self.background:
+                if self._writer is None:
+                    self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="regimen-checkpoint")
+                if d.enabled and self._group is None:
+                    # Every rank, here in the step loop: DCP's collectives on the writer thread must not
+                    # share a group with the step loop's, which go on meanwhile.
+                    self._group = torch.distributed.new_group(backend="gloo")
+                future = self._writer.submit(self._write_and_publish, staged, tmp, final, name, step)
+                self._pending = _PendingSave(step, tmp, future)
+                return final
             if d.is_main:
                 try:
                     self._publish(tmp, final, name)
@@ -529,19 +565,122 @@ class Checkpointer:
         return final
 
     def _write(self, tmp: Path) -> None:
-        d = self.dist
         for part in self._of("tensors").values():
             with _during_io(part.obj), _quiet_single_process():
                 dcp.save(part.obj.state_dict(), storage_writer=dcp.FileSystemWriter(str(tmp)))
-        for part_name, part in self._of("rank").items():
-            state = part.obj.state_dict()
-            if state:
-                torch.save(state, tmp / f"{part_name}-rank{d.rank}.pt")
-        if d.is_main:
+        self._write_ranked(tmp, self._ranked_states())
+        self._write_plain(tmp)
+
+    def _ranked_states(self) -> dict[str, Any]:
+        """The "rank" parts' states, by name (empty states left out)."""
+        states = {name: part.obj.state_dict() for name, part in self._of("rank").items()}
+        return {name: state for name, state in states.items() if state}
+
+    def _write_ranked(self, tmp: Path, states: dict[str, Any]) -> None:
+        for part_name, state in states.items():
+            torch.save(state, tmp / f"{part_name}-rank{self.dist.rank}.pt")
+
+    def _write_plain(self, tmp: Path) -> None:
+        """The "json" parts and the extra files (rank 0): small, written in the step loop in either mode."""
+        if self.dist.is_main:
             plain = {part_name: part.obj.state_dict() for part_name, part in self._of("json").items()}
             (tmp / JSON_FILE).write_text(json.dumps(plain, indent=1))
             for file, text in self.files.items():
                 (tmp / file).write_text(text())
+
+    # ---- saving in the background --------------------------------------------------------
+
+    def _stage(self) -> tuple[Any, dict[str, Any]]:
+        """Copies in host memory (DCP's stager) of the "tensors" part's state and of the "rank" parts'
+        (the noise pair is as large as the model): training may go on changing the originals."""
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        ((_, part),) = self._of("tensors").items()
+        if self._stager is None:
+            # Synchronous staging (the copy is made now, in the step loop), no pinned or shared memory;
+            # the stager keeps its buffers across saves.
+            self._stager = DefaultStager(StagingOptions(False, False, False, False))
+        with _during_io(part.obj):
+            tensors = self._stager.stage(part.obj.state_dict())
+        return tensors, self._stager.stage(self._ranked_states())
+
+    def _write_and_publish(self, staged: tuple[Any, dict[str, Any]], tmp: Path, final: Path, name: str, step: int) -> None:
+        """The background thread: the "rank" parts, DCP's tensors, then rank 0 publishes and prunes."""
+        tensors, ranked = staged
+        self._write_ranked(tmp, ranked)
+        with _quiet_single_process():
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp)), process_group=self._group, no_dist=not self.dist.enabled)
+        if self.dist.is_main:
+            self._publish(tmp, final, name)
+            self._prune(step)
+
+    def pending(self) -> int | None:
+        """The step of the save being written in the background, or None."""
+        return self._pending.step if self._pending is not None else None
+
+    def poll(self) -> None:
+        """Called once per step while a background save is in flight: finish it when every rank's write is done.
+
+        A failure on any rank is raised here, on every rank at the same step, as `save` raises it
+        (one `UserError` saying the previous checkpoint is intact; Ctrl-C as `KeyboardInterrupt`).
+        With several ranks this costs one small all-reduce per step until the write is done.
+        """
+        if self._pending is not None:
+            self._settle(wait=False)
+
+    def wait(self) -> None:
+        """Block until the background save (if any) is written and published; raise its failure."""
+        if self._pending is not None:
+            self._settle(wait=True)
+
+    def _settle(self, wait: bool) -> None:
+        pending = self._pending
+        assert pending is not None
+        future = pending.future
+        if wait:
+            futures_wait([future])
+        done = future.done()
+        error = future.exception() if done else None
+        failed = error is not None
+        if self.dist.enabled:  # every rank leaves the pending state at the same step
+            flags = torch.tensor([float(not done), float(failed)], device=self.device)
+            not_done, any_failed = self.dist.all_reduce_sum(flags).tolist()
+            if any_failed == 0 and not_done > 0:
+                return
+            failed = any_failed > 0
+        elif not done:
+            return
+        self._pending = None
+        if not failed:
+            return
+        futures_wait([future])  # this rank's thread is done with the directory before it is removed
+        error = future.exception()
+        if error is not None and _interrupted(error):
+            if self.dist.is_main:
+                shutil.rmtree(pending.tmp, ignore_errors=True)
+            raise KeyboardInterrupt
+        if error is not None and not isinstance(error, (OSError, CheckpointException)):
+            raise error  # a bug, not a write error: as the synchronous save would raise it
+        self._failed(pending.step, pending.tmp, error)
+
+    def close(self) -> None:
+        """Finish a background save (written, published) before the process moves on; any failure is dropped.
+
+        For the error paths of a run (an exception is already on its way): a save whose write
+        completes is a whole checkpoint of its step, published as any other; one that fails is
+        removed. Safe to call twice.
+        """
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            futures_wait([pending.future])
+            if pending.future.exception() is not None and self.dist.is_main:
+                shutil.rmtree(pending.tmp, ignore_errors=True)
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def _publish(self, tmp: Path, final: Path, name: str) -> None:
         """Checksums, COMPLETE, fsync, rename into place: a reader sees the whole checkpoint or none of it."""
@@ -592,6 +731,7 @@ class Checkpointer:
         from a shard that passed verification; any error is a `UserError` naming the checkpoint
         (`CheckpointMismatch` for another model or optimizer).
         """
+        self.wait()  # a background save in flight is published first (or its failure raised)
         path = Path(path)
         if not is_complete(path):
             raise UserError(

@@ -54,7 +54,11 @@ SYNTHETIC_SEED = 1234
 
 
 class Samples(Protocol):
-    """What the trainer reads: a length and a vectorised gather of samples by index."""
+    """What the trainer reads: a length and a vectorised gather of samples by index.
+
+    A source whose `gather` is a pure read also sets `prefetch_safe = True`: the trainer then
+    gathers the next step's batch on a background thread (regimen.prefetch).
+    """
 
     def __len__(self) -> int: ...
 
@@ -69,6 +73,8 @@ class TokenWindows:
         >>> len(w), w.gather(np.array([1]))[0].tolist(), w.gather(np.array([1]))[1].tolist()
         (3, [[3, 4, 5]], [[4, 5, 6]])
     """
+
+    prefetch_safe = True  # gather is a pure read (regimen.prefetch)
 
     def __init__(self, tokens: np.ndarray, context: int) -> None:
         self.tokens = tokens
@@ -104,6 +110,8 @@ class TensorSamples:
 
     `what` names the data in errors (`data`, `validation_data`).
     """
+
+    prefetch_safe = True
 
     def __init__(self, tensors: Sequence[Any] | Mapping[str, Any], what: str = "data") -> None:
         if isinstance(tensors, Mapping):
@@ -173,6 +181,8 @@ class HFDatasetSamples:
     rows of a batch must have equal lengths (pad them when tokenizing, or pass a DataLoader with
     a padding collator as an iterable of batches).
     """
+
+    prefetch_safe = True
 
     def __init__(self, dataset: Any, what: str = "data") -> None:
         schema = dataset.features.arrow_schema

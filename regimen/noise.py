@@ -202,9 +202,9 @@ class ConsecutiveGradients:
             else:
                 assert self._prev_sqnorm is not None
                 total = batch + self._prev_batch
-                # Turn the kept gradient into the sample-weighted mean in place: no second buffer.
-                torch._foreach_mul_(self._prev, self._prev_batch / total)
-                torch._foreach_add_(self._prev, grads, alpha=batch / total)
+                # Turn the kept gradient into the sample-weighted mean in place, in one pass:
+                # prev + (b / total) (g - prev) = (b_prev / total) prev + (b / total) g.
+                torch._foreach_lerp_(self._prev, grads, batch / total)
                 big = _tensors_sqnorm(self._prev, torch.float32)
                 small = (sqnorm + self._prev_sqnorm) / 2
                 small_batch = 2.0 / (1.0 / batch + 1.0 / self._prev_batch)

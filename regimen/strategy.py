@@ -445,11 +445,16 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    """`[checkpoint]`: cadence (steps and/or minutes; 0 = only at the end) and how many to keep."""
+    """`[checkpoint]`: cadence (steps and/or minutes; 0 = only at the end), how many to keep, and how they are written."""
 
     every: int = 0
     every_minutes: float = 0.0
     keep: int = 2
+    # Write the tensors on a background thread: the step loop pays for a copy of the model and
+    # optimizer state, not for the write (docs/reliability.md, "Checkpoints"). Unset: in the
+    # background on CUDA, synchronously on CPU, where the step's threads use every core and a
+    # write beside them slows the steps it overlaps by more than it saves.
+    async_save: bool | None = None
 
     def validate(self) -> None:
         if self.every < 0:
@@ -657,6 +662,7 @@ SAFE_TO_CHANGE = frozenset(
         "checkpoint.every_minutes",
         "checkpoint.keep",
         "parallel.memory_gib",  # read only to choose batch.micro = "auto" at the start; a resume keeps that choice
+        "checkpoint.async_save",
     }
 )
 # ... and every observe key but the noise estimator's, which is part of the training state.

@@ -4,9 +4,10 @@
 B      = batch_schedule(progress)            # global batch, in samples
 lr     = lr_schedule(progress) * scale(B)    # scaling rule vs the reference batch
 split B over world_size ranks, then into micro-batches of at most `micro` on each rank
+(the next step's micro-batches are gathered in the background meanwhile: regimen.prefetch)
 for each micro-batch: loss * (b_i / B) * world_size -> backward (no gradient sync but the last)
 (noise-scale statistics from the micro-batch and global gradient norms, where enabled)
-clip -> optimizer.step() -> zero_grad
+gradient norm (the non-finite guard) -> clip if above train.clip -> optimizer.step() -> zero_grad
 progress += (1 step, B samples, B*T tokens); log / eval / checkpoint on their cadence
 ```
 
@@ -16,7 +17,11 @@ so each rank's micro-batch loss is weighted by `b_i / B * world_size`.
 Host synchronisation: one per step. The loss, the gradient norm and the small-batch gradient
 norm travel in one all-reduced vector that is read on the host, because a non-finite step
 must be skipped on every rank together (DESIGN, "Bad input and faults"). On a CPU that read is
-free; on CUDA it is one sync at the end of the backward pass.
+free; on CUDA it is one sync at the end of the backward pass. Clipping uses it: the gradients
+are multiplied only when their norm is above the limit (bit for bit torch's clip_grad_norm_).
+
+Checkpoints are written in the background where `checkpoint.async_save` says (by default on CUDA); the loop polls
+the save in flight once per step, and waits for it before a rollback and at the end.
 
 Example:
     >>> from regimen.strategy import Strategy
@@ -41,13 +46,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from regimen import parallel, rundir
+from regimen import host_memory, parallel, rundir
 from regimen.checkpoint import Checkpointer, ModelState, RNGState, export_safetensors
 from regimen.data import SampleOrder, micro_sizes, split_evenly
 from regimen.errors import UserError
 from regimen.noise import ConsecutiveGradients, NoiseScaleEstimator, grad_sqnorm
 from regimen.observe import ProgressDisplay, Sink, Status, check_loggers, open_sinks
 from regimen.optim import build_optimizer, set_train_mode
+from regimen.prefetch import Prefetcher
 from regimen.progress import Progress, Unit
 from regimen.schedules import Schedule, budget_reached, build_batch_schedule, build_lr_multiplier, lr_batch_scale, simulate_budget
 from regimen.strategy import Strategy
@@ -172,6 +178,19 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def clips(norm: float, max_norm: float) -> bool:
+    """Whether gradient clipping at `max_norm` (0: off) changes gradients of global norm `norm`.
+
+    torch's `clip_grad_norm_` multiplies by `min(max_norm / (norm + 1e-6), 1)` in float32; under
+    the limit (with a margin for that float32 rounding) the factor is exactly 1 and the multiply
+    changes nothing, so the trainer skips it: the gradients are bitwise those torch would leave.
+
+    >>> clips(0.5, 1.0), clips(2.0, 1.0), clips(2.0, 0.0)
+    (False, True, False)
+    """
+    return max_norm > 0 and max_norm / (norm + 1e-6) < 1.0 + 1e-5
+
+
 def _out_of_memory(e: BaseException) -> bool:
     """Whether an exception is the allocator running out of memory (CUDA's, or the CPU's)."""
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
@@ -234,6 +253,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, s.optimizer)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.order = SampleOrder(len(self.data.train), s.train.seed)
+        self.prefetcher = Prefetcher(self.data.train, pin=self.device.type == "cuda")
         # Every batch size is a multiple of micro x world, so each rank's share splits evenly.
         # (`full` rounds only to the world size: it should drop as few samples as it can.)
         self.multiple = self.dist.world_size * (1 if s.batch.schedule == "full" else (s.batch.micro_size or 1))
@@ -271,7 +291,9 @@ class Trainer:
 
     def _checkpointer(self, run_dir: Path | None) -> Checkpointer:
         """Everything a checkpoint holds, by name (see regimen.checkpoint)."""
-        c = Checkpointer(run_dir, keep=self.strategy.checkpoint.keep, dist=self.dist, device=self.device)
+        ckpt = self.strategy.checkpoint
+        background = ckpt.async_save if ckpt.async_save is not None else self.device.type == "cuda"
+        c = Checkpointer(run_dir, keep=ckpt.keep, dist=self.dist, device=self.device, background=background)
         c.files["strategy.toml"] = self.strategy.to_toml
         c.add("model", ModelState(self.model, self.optimizer), "tensors")
         c.add("train", self.state, "json")
@@ -307,7 +329,14 @@ class Trainer:
             self.noise.load_state_dict(state["noise"])
 
     def close(self) -> None:
-        """Release the run directory's lock (rank 0). `fit` calls it at the end; safe to call twice."""
+        """Stop the prefetch thread, finish a background save, release the run directory's lock (rank 0).
+
+        `fit` calls it at the end, also when it fails (a background save whose write completes
+        is then published, one that fails is removed); safe to call twice.
+        """
+        self.prefetcher.close()
+        self.checkpointer.close()
+        host_memory.release_freed_memory()
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -338,41 +367,46 @@ class Trainer:
         """The LR of the next step (`optimizer.lr` x `lr_multiplier`), as logged."""
         return self.strategy.optimizer.lr * self.lr_multiplier(batch)
 
+    def _share(self, progress: Progress) -> tuple[int, np.ndarray, list[int]]:
+        """The global batch at `progress`, this rank's samples of it, and their micro-batch sizes."""
+        d = self.dist
+        B = self.batch_schedule(progress)
+        ids = self.order.take(progress.samples + self.state.data_offset, B)
+        share = B // d.world_size
+        return B, ids[d.rank * share : (d.rank + 1) * share], micro_sizes(share, self.strategy.batch.micro_size)
+
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step on the next global batch; returns its loss, lr, batch and norms."""
+        """One optimizer step on the next global batch; returns its loss, lr, batch, norms and data wait."""
         s, d = self.strategy, self.dist
-        B = self.batch_schedule(self.progress)
+        B, mine, sizes = self._share(self.progress)
         factor = self.lr_multiplier(B)
         lr = s.optimizer.lr * factor
         # Each group has its own peak (`initial_lr`: Muon's and AdamW's halves may differ); the
         # schedule is a multiplier of it, so groups keep their ratio at every step.
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
-        ids = self.order.take(self.progress.samples + self.state.data_offset, B)
-        share = B // d.world_size
-        mine = ids[d.rank * share : (d.rank + 1) * share]
-        sizes = micro_sizes(share, s.batch.micro_size)
+        batches, data_wait = self.prefetcher.take(mine, sizes)
+        # The next step's samples gather in the background while this one trains (regimen.prefetch:
+        # a guess, checked against what the next step asks for).
+        self.prefetcher.request(*self._share(self.progress.advanced(B, self.data.tokens_per_sample))[1:])
         # The small batch of the noise-scale estimate: the first micro-batch, else this rank's
         # share (all-reduced by hand below), else the previous step (single process, one micro).
         noise_small = self.noise is not None and (len(sizes) > 1 or d.enabled)
         manual_reduce = noise_small and len(sizes) == 1 and self.mode == "ddp"
         losses: list[torch.Tensor] = []  # b_i x micro-batch mean loss, summed after the loop
         small_sq: torch.Tensor | None = None
-        start = 0
-        for i, b in enumerate(sizes):
-            batch = _to_device(self.data.train.gather(mine[start : start + b]), self.device)
-            start += b
+        for i, (b, batch) in enumerate(zip(sizes, batches)):
             last = i == len(sizes) - 1
             with parallel.grad_sync(self.wrapped, last and not manual_reduce), self._autocast():
-                loss, _, _ = self.task.forward(batch, self.wrapped)
+                loss, _, _ = self.task.forward(_to_device(batch, self.device), self.wrapped)
             weight = b / B * d.world_size
             (loss if weight == 1.0 else loss * weight).backward()  # one micro-batch, one rank: no extra graph node
             losses.append(loss.detach().float() * b)
             if noise_small and i == 0:
                 # grads now hold (b W / B) x the micro-batch mean gradient.
                 small_sq = grad_sqnorm(self.params) * (B / (b * d.world_size)) ** 2
+        grads = [p.grad for p in self.params if p.grad is not None]
         if manual_reduce:
-            grads = [p.grad for p in self.params if p.grad is not None]
             for g in grads:
                 d.all_reduce_sum(g)
             torch._foreach_div_(grads, d.world_size)
@@ -380,12 +414,14 @@ class Trainer:
         pair = self.consecutive.pair(self.params, B) if self.consecutive is not None and not noise_small else None
         if noise_small and self.consecutive is not None:
             self.consecutive.reset()  # measured with micro-batches: no later pair may reach back past this step
-        max_norm = s.train.clip if s.train.clip > 0 else math.inf
-        grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True))
+        # The norm is the non-finite guard's price: one read pass over the gradients. Clipping's
+        # multiply (a second pass) waits for the norm on the host below, and is skipped when the
+        # norm is under the limit, where torch's clip_grad_norm_ multiplies by 1.0 to save a sync.
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         # One vector, one all-reduce, one host read. A non-finite loss or norm on any rank makes
         # its sum non-finite on every rank, so all ranks skip together; the norm is the global
         # one on every rank, so its sum is world_size times it.
-        parts = [*losses, grad_norm.float()] + ([small_sq] if small_sq is not None else [])
+        parts = [*losses, parallel.full_tensor(norm).float()] + ([small_sq] if small_sq is not None else [])
         values = d.all_reduce_sum(torch.stack(parts).float()).tolist()  # the step's one host sync
         loss_value, norm_value = math.fsum(values[: len(losses)]), values[len(losses)] / d.world_size
         small_value = values[-1] if small_sq is not None else 0.0
@@ -393,15 +429,17 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.consecutive is not None:
                 self.consecutive.reset()  # no pair may straddle a skipped step
-            return {"skipped": True, "loss": loss_value / B, "lr": lr, "batch_size": B}
+            return {"skipped": True, "loss": loss_value / B, "lr": lr, "batch_size": B, "data_wait": data_wait}
         if self.noise is not None:
             if noise_small:
-                self.noise.update(small_value / d.world_size, sizes[0] if len(sizes) > 1 else share, norm_value**2, B)
+                self.noise.update(small_value / d.world_size, sizes[0] if len(sizes) > 1 else sum(sizes), norm_value**2, B)
             elif pair is not None:
                 self.noise.update(*pair)
+        if clips(norm_value, s.train.clip):
+            torch.nn.utils.clip_grads_with_norm_(self.params, s.train.clip, norm, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"skipped": False, "loss": loss_value / B, "lr": lr, "batch_size": B, "grad_norm": norm_value}
+        return {"skipped": False, "loss": loss_value / B, "lr": lr, "batch_size": B, "grad_norm": norm_value, "data_wait": data_wait}
 
     def _autocast(self) -> Any:
         if self.autocast_dtype is None:
@@ -479,7 +517,10 @@ class Trainer:
         last_save = time.perf_counter()
         self.wrapped.train()
         set_train_mode(self.optimizer, True)
+        if self.device.type == "cpu":
+            host_memory.keep_freed_memory()  # no page faults for the buffers each step frees and takes again
         while not budget_reached(self.progress, self.budget_unit, self.budget):
+            self.checkpointer.poll()  # a save written in the background: published, or its failure raised
             out = self._step_or_explain()
             if out["skipped"]:
                 if self._on_nonfinite(out, display):  # rolled back: forget the rows after the checkpoint
@@ -532,10 +573,7 @@ class Trainer:
         # Sources prepared with a tokenizer also report nats per byte of text (what compares across tokenizers).
         summary.update(self.data.loss_per_byte(summary["final_loss"], [r["val_loss"] for r in history if r.get("val_loss") is not None]))
         if self.run_dir is not None:
-            latest = self.checkpointer.latest()
-            if latest is None or latest.name != f"step-{self.progress.step:08d}":  # a finished run resumed has its final one
-                self.save()
-            export_safetensors(self.model, self.optimizer, self.run_dir / rundir.WEIGHTS_FILE, self.dist, self.progress)
+            self._save_final(self.run_dir)
         if writer and self.run_dir is not None:
             writer.close()
             rundir.write_summary(self.run_dir, summary)
@@ -555,6 +593,15 @@ class Trainer:
                 sink.close([p for p in artifacts if p.is_file()])
             self.sinks = []
         return RunResult(self.progress, summary, history, self.run_dir)
+
+    def _save_final(self, run_dir: Path) -> None:
+        """The last checkpoint, on disk before the run ends (a finished run resumed has it already), and the weights."""
+        self.checkpointer.wait()
+        latest = self.checkpointer.latest()
+        if latest is None or latest.name != f"step-{self.progress.step:08d}":
+            self.save()
+            self.checkpointer.wait()
+        export_safetensors(self.model, self.optimizer, run_dir / rundir.WEIGHTS_FILE, self.dist, self.progress)
 
     def _step_or_explain(self) -> dict[str, Any]:
         """`train_step`, with running out of memory said in one line naming the key to lower."""
@@ -643,6 +690,7 @@ class Trainer:
         display.message(f"step {self.progress.step}: non-finite loss or gradients; step skipped ({self.skips_in_row} in a row)")
         if self.skips_in_row < s.max_skips_in_row:
             return False
+        self.checkpointer.wait()  # a save in flight is a checkpoint to roll back to
         found = self.checkpointer.latest()
         if found is None:
             raise UserError(

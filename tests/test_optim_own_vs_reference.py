@@ -9,7 +9,9 @@ Each fast optimizer is checked step by step, in float64, against its line-by-lin
   `CPU_CHUNK_NUMEL` whose temporary comes from the reused scratch buffer (LAMB's Adam step from
   torch's fused kernel there), a buffer that grows when a larger tensor follows;
 - the device (CUDA) path, where a bucket is one run and the trust ratios stay on the device,
-  run here on CPU tensors by reporting them as off-CPU.
+  run here on CPU tensors by reporting them as off-CPU;
+- Lion's compiled CPU kernel (`regimen.optim.native`, one loop over the whole parameter list,
+  the default where a C compiler is present) and its foreach path (`fused=False`), both.
 
 Both versions are also pinned by one hand-computed step each. What every optimizer, torch's
 included, must do for the trainer (learn, state_dict round trips, dtypes, accumulation, leave
@@ -19,6 +21,7 @@ gradients alone) is the conformance suite's (test_optim_conformance.py).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -26,7 +29,7 @@ from typing import Any
 import pytest
 import torch
 
-from regimen.optim import cpu, lamb, lars
+from regimen.optim import cpu, lamb, lars, native
 from regimen.optim import reference as ref
 from regimen.optim.cpu import CPU_CHUNK_NUMEL, cpu_chunks, scratch_of
 from regimen.optim.lamb import LAMB
@@ -44,6 +47,7 @@ SCHEDULE_FREE = (ScheduleFreeAdamW, ScheduleFreeSGD)
 CASES: list[tuple[str, type, type, dict[str, Any]]] = [
     ("lion", Lion, ref.LionReference, {"lr": 0.01, "betas": (0.8, 0.95), "weight_decay": 0.1}),
     ("lion_no_wd", Lion, ref.LionReference, {"lr": 0.01}),
+    ("lion_foreach", functools.partial(Lion, fused=False), ref.LionReference, {"lr": 0.01, "betas": (0.8, 0.95), "weight_decay": 0.1}),
     ("lamb", LAMB, ref.LAMBReference, {"lr": 0.01, "betas": (0.85, 0.99), "eps": 1e-6, "weight_decay": 0.05}),
     ("lamb_no_wd", LAMB, ref.LAMBReference, {"lr": 0.02}),
     ("lars", LARS, ref.LARSReference, {"lr": 0.5, "momentum": 0.9, "weight_decay": 0.01, "trust_coefficient": 0.01}),
@@ -100,6 +104,8 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
 # LARS takes none without weight decay (the gradient is its direction); schedule-free SGD takes one
 # even then, unused.
 USES_SCRATCH = {name: name != "lars_no_wd" for name in IDS}
+# Lion's kernel (where it builds) updates every tensor in place in one loop: no temporary at all.
+USES_SCRATCH.update({name: native.lion_kernel() is None for name in ("lion", "lion_no_wd")})
 
 
 def _x_of(opt: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
@@ -107,6 +113,17 @@ def _x_of(opt: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
     group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
     beta = group["betas"][0] if "betas" in group else group["momentum"]
     return torch.lerp(p, opt.state[p]["z"], 1.0 - 1.0 / beta)
+
+
+def _step_twins(a: Any, b: Any, params: list[torch.Tensor], twins: list[torch.Tensor], steps: int, seed: int) -> None:
+    """Step optimizers `a` (over `params`) and `b` (over `twins`) `steps` times on the same random gradients."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
 
 
 def _assert_close(a: list[torch.Tensor], b: list[torch.Tensor], what: str) -> None:
@@ -344,13 +361,7 @@ def test_lars_with_every_tensor_excluded_is_torch_momentum_sgd(nesterov: bool) -
     twins = [p.clone() for p in params]
     lars = LARS([{"params": params, "lars_exclude": True}], lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=nesterov)
     sgd = torch.optim.SGD(twins, lr=0.1, momentum=0.9, nesterov=nesterov)
-    g = torch.Generator().manual_seed(3)
-    for _ in range(20):
-        for p, q in zip(params, twins):
-            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
-            q.grad = p.grad.clone()
-        lars.step()
-        sgd.step()
+    _step_twins(lars, sgd, params, twins, steps=20, seed=3)
     _assert_close(params, twins, "LARS(lars_exclude=True) vs SGD")
 
 
@@ -394,3 +405,78 @@ def test_lars_exclude_changes_only_what_it_says() -> None:
 def test_bad_hyperparameters_are_refused(cls: type, kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         cls([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+# ---- Lion's compiled kernel ---------------------------------------------------------------------
+
+
+def test_lion_kernel_in_float32_follows_the_reference_where_the_sign_is_certain() -> None:
+    """float32, the dtype models train in: every element the kernel updates matches the float64
+    reference, except where c = lerp(m, g, 1 - beta1) is so close to 0 that float32 rounding may
+    flip its sign (a legitimate difference of 2 lr, as between any two float32 implementations).
+    The kernel's result does not depend on the number of threads."""
+    if native.lion_kernel() is None:
+        pytest.skip(f"the kernel is not built here: {native.status()} (the foreach path is tested above)")
+    kwargs = {"lr": 0.01, "betas": (0.9, 0.99), "weight_decay": 0.1}
+    params = _random_tensors(torch.float32, SHAPES)
+    wide = [p.double() for p in params]
+    fast, slow = Lion(params, **kwargs), ref.LionReference(wide, **kwargs)
+    g = torch.Generator().manual_seed(3)
+    for step in range(5):
+        for p, q in zip(params, wide):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.double()
+        m_before = [slow.state[q]["exp_avg"].clone() if slow.state[q] else torch.zeros_like(q) for q in wide]
+        fast.step()
+        slow.step()
+        for i, (p, q, m) in enumerate(zip(params, wide, m_before, strict=True)):
+            c = m + 0.1 * (q.grad - m)
+            # float32 lerp: a few ulps of the larger operand; margin x8.
+            certain = c.abs() > 8 * torch.finfo(torch.float32).eps * (m.abs() + q.grad.abs())
+            err = (p.double() - q).abs()[certain].max().item() if certain.any() else 0.0
+            assert err <= 1e-5 * (1 + q.abs().max().item()), f"step {step + 1}, tensor {i}: {err:.3g} from the reference"
+            q.copy_(p.double())  # the next step starts from the same float32 state
+            slow.state[q]["exp_avg"].copy_(fast.state[p]["exp_avg"].double())
+    # The same steps on 2 threads give the same bits (the kernel splits tensors into blocks, never a sum).
+    again = _random_tensors(torch.float32, SHAPES)
+    threaded = Lion(again, **kwargs)
+    one = _random_tensors(torch.float32, SHAPES)
+    single = Lion(one, **kwargs)
+    before = torch.get_num_threads()
+    try:
+        for a, b in zip(again, one):
+            a.grad = torch.randn(a.shape, generator=torch.Generator().manual_seed(a.numel()))
+            b.grad = a.grad.clone()
+        torch.set_num_threads(2)
+        threaded.step()
+        torch.set_num_threads(1)
+        single.step()
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(again, one))
+
+
+def test_lion_kernel_and_foreach_path_agree_in_float64() -> None:
+    kwargs = {"lr": 0.01, "betas": (0.8, 0.95), "weight_decay": 0.1}
+    params = _random_tensors(torch.float64, SHAPES)
+    other = [p.clone() for p in params]
+    _step_twins(Lion(params, **kwargs), Lion(other, fused=False, **kwargs), params, other, steps=10, seed=4)
+    _assert_close(params, other, "kernel vs foreach")
+
+
+def test_lion_fused_true_needs_the_kernel_and_none_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """`fused=True` where the kernel cannot be built is a RuntimeError naming why; the default falls back."""
+    native.lion_kernel.cache_clear()
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("REGIMEN_CACHE", str(tmp_path))
+    try:
+        assert native.lion_kernel() is None and "no C compiler" in native.status()
+        w = torch.zeros(3, requires_grad=True)
+        with pytest.raises(RuntimeError, match="no C compiler"):
+            Lion([w], fused=True)
+        opt = Lion([w], lr=0.1)  # falls back to the foreach path
+        w.grad = torch.tensor([1.0, -1.0, 0.0])
+        opt.step()
+        assert w.tolist() == pytest.approx([-0.1, 0.1, 0.0])
+    finally:
+        native.lion_kernel.cache_clear()

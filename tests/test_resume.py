@@ -220,7 +220,9 @@ def latest_step(run_dir: Path) -> int:
 KINDS = {
     "fixed": [],
     "random": ["batch.schedule=random", "batch.min=4", "batch.max=16"],
-    "ddp": ["parallel.mode=ddp", "--nproc", "2"],
+    # Saved in the background (CUDA's default; CPU saves synchronously by default): the ranks'
+    # background writes and their per-step agreement are under the kills too.
+    "ddp": ["parallel.mode=ddp", "checkpoint.async_save=true", "--nproc", "2"],
 }
 
 
@@ -254,8 +256,9 @@ def test_sigkilled_three_times_resumes_bit_exact(kind: str, corpus: Path, tmp_pa
     run = tmp_path / "run"
     checkpoints = run / "checkpoints"
 
-    # 1. A fresh run, killed between saves: in step 7, after the checkpoint of step 5.
-    job = Job(args, run, tmp_path / "log1.txt", freeze="forward:7")
+    # 1. A fresh run, killed between saves: in step 7, after the checkpoint of step 5 (published:
+    #    saved in the background, as under ddp here and on CUDA, it may still be in flight at step 7).
+    job = Job(args, run, tmp_path / "log1.txt", freeze=f"forward:7:{checkpoints / 'step-00000005'}")
     job.wait_until(job.stopped, "the stop in step 7")
     job.kill()
     assert latest_step(run) == 5
@@ -270,7 +273,7 @@ def test_sigkilled_three_times_resumes_bit_exact(kind: str, corpus: Path, tmp_pa
 
     # 3. Resumed past the interrupted save (it must be skipped with a warning), killed again in
     #    step 22 (the 12th step of this process).
-    job = Job([*args, "--resume", "auto"], run, tmp_path / "log3.txt", freeze="forward:12")
+    job = Job([*args, "--resume", "auto"], run, tmp_path / "log3.txt", freeze=f"forward:12:{checkpoints / 'step-00000020'}")
     job.wait_until(job.stopped, "the stop in step 22")
     job.kill()
     log = job.text()
@@ -326,7 +329,13 @@ def test_fsdp_checkpoint_resumes_on_one_process(corpus: Path, tmp_path: Path) ->
 # timed on the log, could land after the run had ended on a fast one). The model is the tiny
 # GPT of `strategy_args`, weight for weight, so the run must end as the uninterrupted one.
 KILL_STEP = 13
-KILLED_RANK_1 = ["model.name=tests.failing_model:factory", f"model.kwargs={{mode = 'kill', rank = 1, step = {KILL_STEP}, dropout = 0.1}}"]
+
+
+def killed_rank_1(run: Path) -> list[str]:
+    """Rank 1 kills itself at step 13, once the checkpoint of step 10 is published (it may be in flight: saved in the background)."""
+    published = run / "checkpoints" / "step-00000010"
+    kwargs = f"{{mode = 'kill', rank = 1, step = {KILL_STEP}, dropout = 0.1, after = '{published}'}}"
+    return ["model.name=tests.failing_model:factory", f"model.kwargs={kwargs}"]
 
 
 @pytest.mark.slow
@@ -334,7 +343,7 @@ def test_elastic_restart_after_a_worker_is_killed(corpus: Path, tmp_path: Path, 
     """`--nproc 2 --max-restarts 2`: rank 1 is SIGKILLed at step 13; the restarted group resumes by itself."""
     reference = uninterrupted("ddp")
     run = tmp_path / "run"
-    log = train([*strategy_args(corpus, *KILLED_RANK_1, *KINDS["ddp"]), "--max-restarts", "2"], run, tmp_path / "log.txt")
+    log = train([*strategy_args(corpus, *killed_rank_1(run), *KINDS["ddp"]), "--max-restarts", "2"], run, tmp_path / "log.txt")
     assert "exitcode: -9" in log  # torchrun saw the worker die and restarted the group
     # The restarted workers were given --resume auto and took the existing run directory.
     assert resumed_step(log) == 10 == (KILL_STEP // EVERY) * EVERY

@@ -8,7 +8,9 @@ One state tensor per parameter (the momentum `exp_avg`), half of Adam's. Every u
 coordinate is +-lr, so Lion wants an lr 3-10x smaller than AdamW's and a weight decay
 3-10x larger to keep lr*wd the same. The reference version is `regimen.optim.reference.LionReference`.
 
-Foreach on CUDA; on CPU runs of tensors that stay in cache (`regimen.optim.cpu`).
+On CPU, one compiled loop over the whole parameter list (`regimen.optim.native`, built on first
+use) where a C compiler is there; otherwise, and on CUDA, foreach ops (on CPU over runs of tensors
+that stay in cache, `regimen.optim.cpu`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ from typing import Any, cast
 import torch
 from torch.optim import Optimizer
 
+from regimen.optim import cpu, native
 from regimen.optim.closure import evaluate_closure
 from regimen.optim.cpu import cpu_chunks, scratch_of
 
 
 class Lion(Optimizer):
-    """Lion with decoupled weight decay; a foreach step per (device, dtype), per tensor on CPU.
+    """Lion with decoupled weight decay: the compiled CPU kernel where it builds, else foreach ops.
+
+    `fused` as torch's: None picks the kernel for CPU float32/float64 tensors when it is
+    available (`regimen.optim.native.status()` says why not), False always takes the foreach
+    path, True requires the kernel (a RuntimeError where it cannot be built).
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -39,6 +46,8 @@ class Lion(Optimizer):
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
+        *,
+        fused: bool | None = None,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Lion: lr = {lr}: must be >= 0")
@@ -46,7 +55,10 @@ class Lion(Optimizer):
             raise ValueError(f"Lion: betas = {betas}: expected two numbers in [0, 1), e.g. (0.9, 0.99)")
         if not weight_decay >= 0.0:
             raise ValueError(f"Lion: weight_decay = {weight_decay}: must be >= 0")
+        if fused and native.lion_kernel() is None:
+            raise RuntimeError(f"Lion: fused=True, but the compiled kernel is not available ({native.status()})")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
+        self.fused = fused
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -54,6 +66,7 @@ class Lion(Optimizer):
         loss = evaluate_closure(closure)
 
         scratch = scratch_of(self)
+        kernel = native.lion_kernel() if self.fused is not False else None
         for group in self.param_groups:
             params, grads, exp_avgs = [], [], []
             for p in group["params"]:
@@ -74,6 +87,10 @@ class Lion(Optimizer):
             for lists, _ in grouped.values():
                 # torch types the buckets as list[Tensor | None]; these lists hold no None.
                 p_list, g_list, m_list = cast("list[list[torch.Tensor]]", lists)
+                if kernel is not None and cpu.on_cpu(p_list[0]) and native.fits([*p_list, *g_list, *m_list]):
+                    lr, (beta1, beta2) = group["lr"], group["betas"]
+                    kernel(p_list, g_list, m_list, lr, 1.0 - lr * group["weight_decay"], 1.0 - beta1, 1.0 - beta2)
+                    continue
                 for run in cpu_chunks(p_list):
                     _lion_update(p_list[run], g_list[run], m_list[run], scratch.like(p_list[run]), group)
         return loss
