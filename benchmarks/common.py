@@ -103,6 +103,12 @@ def machine() -> str:
     )
 
 
+def rounds(quick: bool, full: int = 5) -> int:
+    """Interleaved rounds of a timing benchmark: $BENCH_ROUNDS when set (fewer rounds, a wider range,
+    to fit a time budget), else 2 with --quick and `full` without."""
+    return int(os.environ.get("BENCH_ROUNDS", "0")) or (2 if quick else full)
+
+
 def threads() -> int:
     """Torch threads for every measurement: $BENCH_THREADS (`--threads`), else torch's default.
 
@@ -179,7 +185,8 @@ def reset_peak_rss() -> float:
 def rerun_command(module: str, quick: bool) -> str:
     """The command that reproduces one benchmark's section."""
     threads = f" --threads {os.environ['BENCH_THREADS']}" if os.environ.get("BENCH_THREADS") else ""
-    return f"python -m benchmarks --only {module}" + (" --quick" if quick else "") + threads
+    env = f"BENCH_ROUNDS={os.environ['BENCH_ROUNDS']} " if os.environ.get("BENCH_ROUNDS") else ""
+    return f"{env}python -m benchmarks --only {module}" + (" --quick" if quick else "") + threads
 
 
 def update_markdown(sections: Sequence[Section], path: Path = BENCHMARKS_MD) -> None:

@@ -25,7 +25,7 @@ import statistics
 import sys
 from typing import Any
 
-from benchmarks.common import Table, cli, python_command, rerun_command, run_worker, threads
+from benchmarks.common import Table, cli, python_command, rerun_command, rounds, run_worker, threads
 from benchmarks.loop_speed import FEATURES_MODE, PLAN, QUICK_PLAN, SIZES, spread
 
 CONFIGS: dict[str, list[str]] = {
@@ -46,7 +46,7 @@ SIZES_RUN = ["1M", "10M"]  # --sizes
 
 def run(quick: bool) -> list[Table]:
     """Interleaved rounds of every configuration at each size; costs against the bare run of the same round."""
-    repeats = 2 if quick else 5
+    repeats = rounds(quick)
     plan = QUICK_PLAN if quick else PLAN
     n_threads = threads()
     tables = []

@@ -70,6 +70,7 @@ from benchmarks.common import (
     python_command,
     rerun_command,
     reset_peak_rss,
+    rounds,
     run_worker,
     threads,
     to_json,
@@ -356,7 +357,7 @@ def run(quick: bool) -> list[Table]:
     python = bench_python()
     peers = importable(python)
     kinds = ["torch", "regimen"] + [k for k in ("lightning", "hf") if peers.get(k)]
-    repeats = 2 if quick else 5
+    repeats = rounds(quick)
     plan = QUICK_PLAN if quick else PLAN
     n_threads = threads()
     tables = []

@@ -480,3 +480,22 @@ def test_lion_fused_true_needs_the_kernel_and_none_falls_back(monkeypatch: pytes
         assert w.tolist() == pytest.approx([-0.1, 0.1, 0.0])
     finally:
         native.lion_kernel.cache_clear()
+
+
+def test_lion_on_fake_tensors_takes_torchs_ops() -> None:
+    """`regimen plan` steps Lion on fake tensors: the kernel must not read their (absent) storage.
+
+    It crashed the process (a segfault in the test suite) before `native.fits` refused fake
+    tensors and active dispatch modes; the foreach path gives the fake mode every op to see.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        w = torch.nn.Parameter(torch.zeros(64, 64))
+        w.grad = torch.ones(64, 64)
+        assert not native.fits([w, w.grad])
+        opt = Lion([w], lr=0.1, weight_decay=0.1)
+        opt.step()
+        assert w.shape == (64, 64) and opt.state[w]["exp_avg"].shape == (64, 64)
+    real = torch.zeros(4)
+    assert native.fits([real, real.clone()]), "a plain CPU tensor outside any mode still takes the kernel"

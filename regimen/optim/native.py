@@ -41,6 +41,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -197,8 +198,19 @@ def lion_kernel() -> LionKernel | None:
 
 
 def fits(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether the kernel can update these tensors: contiguous, on the CPU, all float32 or all float64."""
+    """Whether the kernel can update these tensors: real (not fake, not traced), contiguous, on the CPU, all float32 or
+    all float64."""
     if not tensors:
         return False
+    # A fake tensor (`regimen plan` traces a step under FakeTensorMode) reports the CPU but has no
+    # storage: reading its data pointer crashes the process. Under any dispatch mode the step must
+    # also go through torch's ops, or the mode would not see it.
+    if _get_current_dispatch_mode() is not None:
+        return False
     dtype = tensors[0].dtype  # (is_cpu and is_contiguous are C calls: the check stays a small part of a step)
-    return dtype in (torch.float32, torch.float64) and all(t.is_cpu and t.dtype is dtype and t.is_contiguous() for t in tensors)
+    return dtype in (torch.float32, torch.float64) and all(
+        type(t) in _PLAIN and t.is_cpu and t.dtype is dtype and t.is_contiguous() for t in tensors
+    )
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # subclasses (FakeTensor, DTensor, ...) have no plain storage
