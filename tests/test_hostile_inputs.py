@@ -162,7 +162,7 @@ def test_a_raised_budget_continues_a_finished_run_and_records_the_change(corpus:
 @pytest.mark.parametrize(
     ("change", "listed"),
     [
-        ("optimizer.lr=0.5", "optimizer.lr (0.008 -> 0.5)"),
+        ("optimizer.lr=0.5", "optimizer.lr (0.01 -> 0.5)"),
         ("train.seed=7", "train.seed (0 -> 7)"),
         ("optimizer.name=adamw", "optimizer.name ('muon' -> 'adamw')"),
     ],
@@ -181,7 +181,7 @@ def test_allow_change_continues_and_records_it(corpus: Path, finished: Path, tmp
     run = copy_of(finished, tmp_path / "run")
     assert main([*task(corpus, run, "optimizer.lr=0.004", "train.steps=8"), "--resume", "auto", "--allow-change"]) == 0
     changed = [e for e in rundir.read_events(run) if e["event"] == "strategy_changed"][-1]
-    assert changed["changed"] == {"optimizer.lr": [0.008, 0.004], "train.steps": [6, 8]} and changed["allowed_by"] == "--allow-change"
+    assert changed["changed"] == {"optimizer.lr": [0.01, 0.004], "train.steps": [6, 8]} and changed["allowed_by"] == "--allow-change"
     assert json.loads((run / "summary.json").read_text())["steps"] == 8
     assert rundir.current_strategy(run)["optimizer"]["lr"] == 0.004
 
@@ -404,7 +404,7 @@ def test_a_run_directory_that_cannot_be_written(corpus: Path, capsys: pytest.Cap
         (["optimizer.name=lars", "optimizer.trust_coefficient=-1"], "optimizer.trust_coefficient = -1: must be > 0"),
         (["optimizer.name=schedulefree_adamw", "optimizer.warmup_steps=-5"], "optimizer.warmup_steps = -5: must be >= 0"),
         (["optimizer.name=muon", "optimizer.ns_steps=0"], "optimizer.ns_steps = 0: must be an integer in [1, 100]"),
-        (["optimizer.name=sgd", "optimizer.nesterov=true"], "Nesterov momentum needs optimizer.momentum > 0"),
+        (["optimizer.name=sgd", "optimizer.momentum=0", "optimizer.nesterov=true"], "Nesterov momentum needs optimizer.momentum > 0"),
         (["train.seed=-1"], "train.seed = -1: must be an integer in [0, 2^63)"),
         (["optimizer.name=lamb", "parallel.mode=fsdp"], "FSDP2's shards do not have: use parallel.mode = 'ddp'"),
         (["batch.schedule=ramp", "batch.size=8", "batch.start=4", "batch.span=10", "batch.micro=16"], "batch.micro = 16: must be <="),

@@ -31,6 +31,7 @@ TASK = [
     "train.eval_samples=0",
     "train.eval_every=1000",
     "train.log_every=10",
+    "train.clip=0",  # unclipped, so the far too large LR diverges (the race reports it failed)
     "observe.progress=none",
 ]
 # Three LRs of one WSD family: far too small, right, far too large. The ranking is known.
@@ -114,7 +115,8 @@ def test_successive_halving_keeps_the_right_lr(tmp_path: Path, capsys: pytest.Ca
     assert f"regimen train {out / 'best.toml'}" in stdout
     # The report has the race: each candidate, where it stopped and why, the compute of each phase.
     html = (out / "report.html").read_text()
-    assert "id='race'" in html and "stopped after rung 0: 3 of 3" in html and "data-phase='rung 1'" in html
+    assert "id='race'" in html and "stopped after rung 0: 2 of 3" in html and "data-phase='rung 1'" in html
+    assert "failed at rung 0: training diverged" in html, "lr 30 diverges unclipped: the race says so"
     # best.toml is a complete strategy that regimen train runs as it stands.
     from regimen.strategy import Strategy
 

@@ -136,7 +136,7 @@ def config_family(base: Strategy) -> Family:
     """CONFIG as a candidate: no key changed, its own LR (so no range test).
 
     >>> config_family(Strategy.default()).grid
-    {'optimizer.lr': [0.008]}
+    {'optimizer.lr': [0.01]}
     """
     return Family(CONFIG_FAMILY, {}, {"optimizer.lr": [base.optimizer.lr]})
 
