@@ -20,7 +20,8 @@ What Optuna leaves to us, and how it is closed here:
   process that claims another one marks it FAIL (`duplicate`) without training.
 - A process that dies leaves its trials RUNNING. A RUNNING trial is stale when its process (same
   host, `pid` in its attributes) no longer exists, or its heartbeat (a user attribute each
-  process refreshes every `HEARTBEAT` seconds) is older than `STALE_AFTER`; stale trials are
+  process refreshes every `HEARTBEAT` seconds) is older than `STALE_AFTER`, or its claimer died
+  before writing those attributes (none, `CLAIM_GRACE` after the claim); stale trials are
   marked FAIL, and the work is enqueued again (and resumes from its run directories).
 
 Example:
@@ -45,6 +46,7 @@ from regimen.errors import UserError
 
 HEARTBEAT = 20.0
 STALE_AFTER = 300.0
+CLAIM_GRACE = HEARTBEAT  # a RUNNING trial without its claimer's attributes this long after the claim is stale
 # A unit that crashed this many times is recorded as failed instead of retried forever.
 MAX_ATTEMPTS = 3
 HOST = socket.gethostname()
@@ -252,10 +254,18 @@ class Ledger:
                 continue
             attrs = t.user_attrs
             gone = attrs.get("host") == HOST and isinstance(attrs.get("pid"), int) and not _alive(attrs["pid"])
-            silent = now - float(attrs.get("heartbeat", now)) > STALE_AFTER
+            if "heartbeat" in attrs:
+                silent, why = now - float(attrs["heartbeat"]) > STALE_AFTER, "no heartbeat"
+            else:
+                # Claimed (RUNNING) but the claimer's host, pid and heartbeat never written: it died
+                # between the two writes of `claim`. Nothing else would ever free the unit (the
+                # search waited forever); the attributes follow the claim at once, so a grace of
+                # one heartbeat from the claim (optuna's datetime_start) tells a dead claimer.
+                started = t.datetime_start.timestamp() if t.datetime_start is not None else now
+                silent, why = now - started > CLAIM_GRACE, "claimed, then nothing"
             if gone or silent:
                 with contextlib.suppress(self.optuna.exceptions.UpdateFinishedTrialError):
-                    self.storage.set_trial_user_attr(t._trial_id, "stale", "process gone" if gone else "no heartbeat")
+                    self.storage.set_trial_user_attr(t._trial_id, "stale", "process gone" if gone else why)
                     if self.storage.set_trial_state_values(t._trial_id, state=state.FAIL):
                         failed += 1
         return failed
