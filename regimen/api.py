@@ -210,8 +210,6 @@ def fit(
     if strategy is None:
         budget_given = any(f"train.{unit}" in given for unit in BUDGET_UNITS)
         tree: dict[str, Any] = {
-            "model": {"name": "python:module"},
-            "data": {"source": "python"},
             "optimizer": _table(optimizer, "name"),
             "lr": {"schedule": "constant", "scale_with_batch": "none"} | (dict(lr) if isinstance(lr, Mapping) else {}),
             "batch": {"size": 1} if streaming else _table(batch_size if isinstance(batch_size, Mapping) else int(batch_size), "size"),
@@ -220,7 +218,7 @@ def fit(
         }
         if not isinstance(lr, Mapping):
             tree["optimizer"]["lr"] = float(lr)
-        strategy = Strategy.from_dict(tree)
+        strategy = Strategy.for_python(tree)
     if given:
         strategy = strategy.replace(given)
     if from_arguments and strategy.batch.schedule == "fixed":

@@ -342,10 +342,8 @@ def lr_find(
     if isinstance(strategy, (str, Path)):
         strategy = Strategy.load(strategy)
     if strategy is None:
-        strategy = Strategy.from_dict(
+        strategy = Strategy.for_python(
             {
-                "model": {"name": "python:module"},
-                "data": {"source": "python"},
                 "optimizer": {"name": "adam"},
                 "lr": {"schedule": "constant", "scale_with_batch": "none"},
                 "train": {"clip": 0.0},

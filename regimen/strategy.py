@@ -551,6 +551,16 @@ class Strategy:
         return cls.load(DEFAULT_TASK, overrides)
 
     @classmethod
+    def for_python(cls, tree: Mapping[str, Any]) -> Strategy:
+        """A strategy for a model and data handed over from Python (`rg.fit`, `rg.tune`, `lr_find`): `tree`'s
+        sections beside the two that say so.
+
+        >>> Strategy.for_python({"optimizer": {"name": "adam"}}).model.name
+        'python:module'
+        """
+        return cls.from_dict({"model": {"name": "python:module"}, "data": {"source": "python"}, **tree})
+
+    @classmethod
     def from_cli(cls, config: str | Path | None, overrides: Sequence[str] = ()) -> Strategy:
         """A command's strategy: CONFIG with its overrides, or the default task when no CONFIG is given."""
         return cls.load(config, overrides) if config is not None else cls.default(overrides)

@@ -63,10 +63,8 @@ def tune(
     if isinstance(strategy, (str, Path)):
         strategy = Strategy.load(strategy)
     if strategy is None:
-        strategy = Strategy.from_dict(
+        strategy = Strategy.for_python(
             {
-                "model": {"name": "python:module"},
-                "data": {"source": "python"},
                 "optimizer": {"name": "adam"},
                 "lr": {"schedule": "constant"},
                 "train": {"epochs": 1.0, "eval_samples": 0},
