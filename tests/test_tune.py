@@ -68,6 +68,25 @@ optimizer.name = "adamw"
 lr.schedule = "cosine"
 optimizer.lr = [1e-3, 1e-2]
 """
+# Two families of three LRs each: at 5.5x the plan is three rungs and a hedged final.
+HEDGED = """
+[search]
+eta = 3
+batch = "keep"
+config = false
+
+[[family]]
+name = "wsd"
+optimizer.name = "adamw"
+lr.schedule = "wsd"
+optimizer.lr = [1e-3, 1e-2, 1e-1]
+
+[[family]]
+name = "cos"
+optimizer.name = "adamw"
+lr.schedule = "cosine"
+optimizer.lr = [1e-3, 1e-2, 1e-1]
+"""
 
 
 @pytest.fixture(autouse=True)
@@ -122,6 +141,55 @@ def test_successive_halving_keeps_the_right_lr(tmp_path: Path, capsys: pytest.Ca
 
     best = Strategy.load(out / "best.toml")
     assert (best.optimizer.name, best.optimizer.lr, best.lr.schedule, best.train.steps) == ("sgd", 0.1, "wsd", 60)
+
+
+def test_hedged_final_runs_each_finalists_lower_lr_too(tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None) -> None:
+    """With the budget for it, the last rung runs every survivor of the rung before and, with each, its lower-LR neighbour."""
+    out = tmp_path / "out"
+    task = [*TASK, "train.steps=180"]  # a first rung of 20 steps at eta 3 over three rungs
+    args = [*task, "--space", str(space(tmp_path, HEDGED)), "--budget", "5.5x", "--out", str(out), "--executor", "inline"]
+    code, _, err = tune(args, capsys)
+    assert code == 0, err
+    done = {t.user_attrs["unit"]: t.value for t in study(out) if t.state.name == "COMPLETE"}
+    assert len([k for k in done if k.startswith("rung0:")]) == 6
+    second = [k.split(":")[1] for k in done if k.startswith("rung1:")]
+    assert len(second) == 2, "eta 3: two of six go on"
+    finals = sorted(k.split(":")[1] for k in done if k.startswith("rung2:"))
+    lower = {"wsd.lr0.1": "wsd.lr0.01", "wsd.lr0.01": "wsd.lr0.001", "cos.lr0.1": "cos.lr0.01", "cos.lr0.01": "cos.lr0.001"}
+    assert finals == sorted({*second, *(lower[n] for n in second if n in lower)})
+    winner = min(finals, key=lambda n: (done[f"rung2:{n}"], n))
+    assert f"({winner})" in (out / "best.toml").read_text()
+    html = (out / "report.html").read_text()
+    carried = [lower[n] for n in second if n in lower and lower[n] not in second]
+    assert carried, "the test needs a finalist whose lower LR was stopped"
+    assert "as the lower-LR neighbour of a finalist" in html
+
+
+def test_the_plan_hedges_the_final_when_the_budget_allows() -> None:
+    from regimen.search.command import default_budget
+    from regimen.search.plan import full_run_samples, lower_neighbour, make_plan, promote
+    from regimen.search.space import default_space
+    from regimen.strategy import Strategy
+
+    base = Strategy.default([*TASK, "train.steps=600"])  # planned only: a first rung of 20 steps needs 540
+    space = default_space(base)
+    full = full_run_samples(base)
+    plain = make_plan(base, space, int(3.2 * full))
+    hedged = make_plan(base, space, int(default_budget(len(plain.candidates)) * full))
+    assert not plain.hedge and plain.keep[-1] == 1
+    assert hedged.hedge and hedged.keep[-1] == hedged.keep[-2] and hedged.total <= hedged.budget
+    by = {c.name: c for c in hedged.candidates}
+    # A finalist brings its lower LR, even one stopped at rung 0; the lowest LR and CONFIG have none.
+    ranked = [by["muon-wsd.lr+1"], by["config.lr0.01"], by["adamw-wsd.lr-1"]]
+    assert hedged.keep[-2:] == [2, 2]
+    going = promote(hedged, len(hedged.rungs) - 1, ranked)
+    assert [c.name for c in going] == ["muon-wsd.lr+1", "config.lr0.01", "muon-wsd.lr+0"]
+    assert lower_neighbour(by["adamw-wsd.lr-1"], hedged.candidates) is None
+    assert lower_neighbour(by["config.lr0.01"], hedged.candidates) is None
+    # Before the last rung, and in a plain plan, promotion is the best keep[r].
+    assert promote(hedged, 1, ranked) == ranked[: hedged.keep[1]]
+    top = len(plain.rungs) - 1
+    assert [c.name for c in promote(plain, top, ranked)] == ["muon-wsd.lr+1"]
 
 
 def test_branch_leaves_the_trunk_bitwise_unchanged(tmp_path: Path, one_thread: None) -> None:

@@ -30,7 +30,7 @@ def tune(
     loss: Any = None,
     validation_data: Any = None,
     metrics: Sequence[Any] | None = None,
-    budget: str = "3x",
+    budget: str | None = None,
     strategy: Strategy | str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     space: str | Path | None = None,
@@ -41,7 +41,8 @@ def tune(
     """Search the strategy for `model_fn()` on `data` within `budget`; returns the best one (also in `out/best.toml`).
 
     Without `strategy`, the base is `fit`'s (Adam, batch 32, one epoch; set the budget with
-    `overrides={"train.epochs": 5}`); `budget` is a multiple of one full run of it (`"3x"`).
+    `overrides={"train.epochs": 5}`); `budget` is a multiple of one full run of it (`"3x"`; by default a
+    third of the grid's compute, at least 3x).
 
     Example:
         >>> import torch
@@ -54,6 +55,7 @@ def tune(
     from regimen.executors import InProcessExecutor
     from regimen.search.command import parse_budget
     from regimen.search.engine import Search
+    from regimen.search.plan import make_candidates
     from regimen.search.result import write_result
     from regimen.search.space import default_space, read_space
     from regimen.task import Task, resolve_loss, resolve_metrics
@@ -89,7 +91,7 @@ def tune(
     search = Search(
         strategy,
         chosen,
-        parse_budget(budget, None, None),
+        parse_budget(budget, None, None, len(make_candidates(strategy, chosen))),
         Path(out),
         executor=InProcessExecutor(build),
         storage_url=storage,

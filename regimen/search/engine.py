@@ -41,7 +41,7 @@ from typing import Any
 from regimen import rundir
 from regimen.errors import UserError
 from regimen.executors import Executor, Job, last_error
-from regimen.search.plan import Candidate, Plan, make_plan, tokens_per_sample
+from regimen.search.plan import Candidate, Plan, make_plan, promote, tokens_per_sample
 from regimen.search.probe import decide_batch
 from regimen.search.space import Space
 from regimen.search.study import MAX_ATTEMPTS, Ledger, open_storage
@@ -293,7 +293,7 @@ class Search:
             return None
         order = {c.name: i for i, c in enumerate(self.plan.candidates)}
         ranked = sorted(before, key=lambda c: (done[self.rung_key(r - 1, c)].value, order[c.name]))
-        return [c for c in ranked[: self.plan.keep[r]] if math.isfinite(done[self.rung_key(r - 1, c)].value)]
+        return promote(self.plan, r, [c for c in ranked if math.isfinite(done[self.rung_key(r - 1, c)].value)])
 
     def run_rung(self, c: Candidate, r: int) -> tuple[float | None, dict[str, Any]]:
         """Train candidate `c` to rung `r` and measure it; (value, attributes), value None for a crash."""

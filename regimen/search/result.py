@@ -92,6 +92,8 @@ def _why(search: Any, c: Candidate, last: int, error: str | None, trials: dict[s
     if last == len(plan.rungs) - 1:
         others = sorted((t.value, k) for k, t in trials.items() if k.startswith(f"rung{last}:"))
         rank = next(i for i, (_, k) in enumerate(others, 1) if k == search.rung_key(last, c))
+        if last > 0 and search.rung_key(last - 1, c) not in trials:
+            return f"ran the full budget as the lower-LR neighbour of a finalist: {rank} of {len(others)}"
         return f"ran the full budget: {rank} of {len(others)}"
     ranked = sorted((t.value, k) for k, t in trials.items() if k.startswith(f"rung{last}:"))
     rank = next(i for i, (_, k) in enumerate(ranked, 1) if k == search.rung_key(last, c))
