@@ -1,4 +1,4 @@
-"""What the `regimen tune` benchmarks share: the three tasks, and how to run a search, a full run and a grid.
+"""What the `regimen tune` benchmarks share: the four tasks, and how to run a search, a full run and a grid.
 
 The tasks, sized for a 2-core CPU (a full run takes seconds to a minute with one thread):
 
@@ -6,6 +6,9 @@ The tasks, sized for a 2-core CPU (a full run takes seconds to a minute with one
   Muon + WSD as the default task), 1,000 steps (the default space needs a first rung of 20 steps);
 - `mlp`: the MLP on the synthetic 10-class Gaussian mixture (hidden 128, batch 32, AdamW +
   cosine), 1,500 steps;
+- `mlp-1pass`: the same MLP on 60,000 samples, so its 48,000 are 0.9 epoch (the `mlp` task
+  trains 4.4 epochs of 10,800 and overfits: its loss at the full budget ranks LRs unlike any
+  shorter rung);
 - `cnn`: the conv net on the 16x16 shapes (examples/cnn_shapes.toml), 600 steps.
 
 `--quick` halves every budget and searches a small space (two families, two LRs each, eta 2,
@@ -53,9 +56,6 @@ TASKS: dict[str, list[str]] = {
     ],
     "cnn": ["examples/cnn_shapes.toml"],
 }
-# The MLP task once more on a training set larger than the run (54,000 samples, 0.9 epoch): the
-# `mlp` task trains 4.4 epochs of its 10,800 and overfits, so its validation loss at the full
-# budget ranks LRs differently from every shorter rung (see docs/tune.md).
 TASKS["mlp-1pass"] = [*TASKS["mlp"], "data.num_samples=60000"]
 STEPS = {"gpt": 1000, "mlp": 1500, "mlp-1pass": 1500, "cnn": 600}
 

@@ -1,4 +1,4 @@
-"""`regimen tune` against an exhaustive grid and against the task's own recipe, on three built-in tasks.
+"""`regimen tune` against an exhaustive grid and against the task's own recipe, on four built-in tasks.
 
 For each task (benchmarks/tune_common.py: the byte-level GPT, the synthetic MLP, the conv net on
 shapes): `regimen tune CONFIG` with the default space and budget (or `--budget`); then every candidate of that
