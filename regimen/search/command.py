@@ -34,7 +34,7 @@ DEFAULT_ROOT = Path("tune")
 
 # The default budget: a third of the grid's compute (one full run per three candidates), at least
 # 3x. A third is what the hedged final needs for the default space (19 candidates: 6.33x) and what
-# it was measured at (docs/tune.md); plain halving at 3x chose strategies 6-74% worse than the grid.
+# it was measured at (docs/tune.md); plain halving at 3x chose strategies 8-105% worse than the grid's best.
 MIN_DEFAULT_BUDGET = 3.0
 
 

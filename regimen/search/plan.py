@@ -16,7 +16,7 @@ rungs favour high LRs (the short-horizon bias, Wu et al. 2018: the best LR falls
 grows), so a survivor's lower-LR neighbour is the likeliest strategy to beat it at the full
 budget. On the benchmark tasks (`benchmarks/tune_policy.py`, docs/tune.md) the best strategy at
 the full budget was 5th-6th of 19 at a third of it (MLP) and 3rd (conv net): plain halving chose
-strategies 6-74% worse than the grid's best, the hedged final chose the grid's best.
+strategies 8-105% worse than the grid's best, the hedged final chose the grid's best.
 
 How a candidate is measured at budget `T_r` depends on its LR schedule (`measure_kind`):
 
