@@ -1,6 +1,6 @@
 """Two `regimen tune` processes on one study against one, and the search's own bookkeeping.
 
-The same search (the MLP task of benchmarks/tune_common.py, the default space, `--budget 3x`)
+The same search (a task of benchmarks/tune_common.py, the MLP by default; the default space and budget)
 run by one worker (`regimen tune --jobs 1`, one thread), then by two processes started together
 on the same `--out` (so the same SQLite study), one thread each: the two-process wall time
 (the later one to finish) over the one-worker wall time (target: at most 0.6), and whether both
@@ -37,16 +37,16 @@ def body(out: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="half the budget and a small space (a smoke test)")
-    parser.add_argument("--task", default="mlp", choices=["gpt", "mlp", "cnn"])
+    parser.add_argument("--task", default="mlp", choices=["gpt", "mlp", "mlp-1pass", "cnn"])
     parser.add_argument("--out", default="runs/tune_scale")
     args = parser.parse_args()
     root = Path(args.out)
     shutil.rmtree(root, ignore_errors=True)
     one, two = root / "one", root / "two"
     common = task_args(args.task, args.quick, root)
-    _, wall_one = regimen("tune", *common, "--budget", "3x", "--out", str(one))
+    _, wall_one = regimen("tune", *common, "--out", str(one))
     two.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "regimen", "tune", *common, "--budget", "3x", "--out", str(two)]
+    cmd = [sys.executable, "-m", "regimen", "tune", *common, "--out", str(two)]
     start = time.perf_counter()
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for p in procs:
@@ -75,7 +75,7 @@ def main() -> None:
         f"| {wall_one:.0f} s | {units:.0f} s | {training:.0f} s | {units - training:.0f} s | {wall_one - units:.1f} s "
         f"| {(wall_one - units) / wall_one:.1%} |"
     )
-    print(f"\ncommand: python -m benchmarks.tune_scale{' --quick' if args.quick else ''}")
+    print(f"\ncommand: python -m benchmarks.tune_scale --task {args.task}{' --quick' if args.quick else ''}")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,11 @@ class Search:
     plan: Plan | None = None
     _decisions: Decisions | None = field(default=None, repr=False)
     _errors: list[BaseException] = field(default_factory=list, repr=False)
+    # What no process can change any more: a rung's survivors once the rung before is done, and the
+    # rungs whose every unit is done (a COMPLETE unit is final). Kept so each scheduling decision
+    # reads the study once per open rung, not once per rung and level of `survivors`.
+    _survivors: dict[int, list[Candidate]] = field(default_factory=dict, repr=False)
+    _finished_rungs: set[int] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         self.per_sample = tokens_per_sample(self.base)
@@ -285,6 +290,8 @@ class Search:
         assert self.plan is not None
         if r == 0:
             return list(self.plan.candidates)
+        if r in self._survivors:
+            return self._survivors[r]
         before = self.survivors(r - 1)
         if before is None:
             return None
@@ -293,7 +300,8 @@ class Search:
             return None
         order = {c.name: i for i, c in enumerate(self.plan.candidates)}
         ranked = sorted(before, key=lambda c: (done[self.rung_key(r - 1, c)].value, order[c.name]))
-        return promote(self.plan, r, [c for c in ranked if math.isfinite(done[self.rung_key(r - 1, c)].value)])
+        self._survivors[r] = promote(self.plan, r, [c for c in ranked if math.isfinite(done[self.rung_key(r - 1, c)].value)])
+        return self._survivors[r]
 
     def run_rung(self, c: Candidate, r: int) -> tuple[float | None, dict[str, Any]]:
         """Train candidate `c` to rung `r` and measure it; (value, attributes), value None for a crash."""
@@ -389,6 +397,8 @@ class Search:
         names = [c.name for c in self.plan.candidates]
         with ledger.local:
             for r in range(len(self.plan.rungs)):
+                if r in self._finished_rungs:
+                    continue
                 running = self.survivors(r)
                 if running is None:
                     return None
@@ -396,6 +406,7 @@ class Search:
                 done = ledger.done(list(wanted))
                 todo = [k for k in wanted if k not in done]
                 if not todo:
+                    self._finished_rungs.add(r)
                     continue
                 ledger.fail_stale(todo)
                 ledger.enqueue_missing([(k, {"candidate": wanted[k].name, "rung": r}) for k in todo])
