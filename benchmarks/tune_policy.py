@@ -11,7 +11,7 @@ full runs are tune_quality's. Compute is counted as tune spends it (a trunk cont
 does not). Losses and samples only: no timing.
 
     python -m benchmarks.tune_quality --only mlp     # first: the search, the grid, the default recipe
-    python -m benchmarks.tune_policy --only mlp      # then: 3x and 6x replayed (seconds to minutes)
+    python -m benchmarks.tune_policy --only mlp      # then: 3x and 6.33x replayed (seconds to minutes)
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ def replay(search: Any, budget_x: float, task_out: Path, cache: dict[tuple[int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", choices=list(TASKS), help="these tasks only")
-    parser.add_argument("--budgets", nargs="*", type=float, default=[3.0, 6.0], help="budgets, in full runs")
+    parser.add_argument(
+        "--budgets", nargs="*", type=float, default=[3.0, 6.33], help="budgets, in full runs (6.33: the default for the default space)"
+    )
     parser.add_argument("--out", default="runs/tune_quality", help="where tune_quality ran")
     args = parser.parse_args()
     import torch

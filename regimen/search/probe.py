@@ -62,7 +62,7 @@ def ramp_stages(start: int, top: int, total_samples: int) -> list[dict[str, int]
     The critical batch grows fast early in training and then flattens (McCandlish et al. 2018;
     Merrill et al. 2025), so the ramp is early. Measured on the benchmark GPT at 131,072 samples
     (`benchmarks/batch_decision.py`, docs/tune.md): a ramp 16 -> 128 over the first quarter
-    reached 1.03% below the best fixed batch's loss in 0.48x its steps; over the first half, 1.38%
+    reached 1.04% below the best fixed batch's loss in 0.48x its steps; over the first half, 1.38%
     below in 0.71x.
 
     >>> ramp_stages(16, 64, 16000)
