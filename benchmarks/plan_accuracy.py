@@ -27,7 +27,8 @@ bisection over the divisors of the batch. Goal: auto's choice fits, and is at le
 largest that does. On a CPU nothing runs out of memory at M: "fits" is the measured peak.
 
     python -m benchmarks.plan_accuracy --quick --part memory    # 1M and 10M, AdamW and Muon (a few minutes)
-    python -m benchmarks.plan_accuracy --part memory            # the whole memory matrix (about an hour)
+    python -m benchmarks.plan_accuracy --part memory            # the whole memory matrix (about an hour and a half)
+    python -m benchmarks.plan_accuracy --part memory --sizes 30M 100M --optimizers adamw muon   # 24 rows, 17 minutes
     python -m benchmarks.plan_accuracy --part time              # timing: on a quiet machine only
     python -m benchmarks.plan_accuracy --part auto
     python -m benchmarks --only plan_accuracy --write           # all parts into BENCHMARKS.md
@@ -79,8 +80,11 @@ def overrides(size: str, optimizer: str, mode: str, ckpt: str, extra: list[str] 
 
 
 def matrix(quick: bool) -> list[tuple[str, str, str, int, str]]:
-    sizes = ("1M", "10M") if quick else tuple(GPTS)
-    optimizers = ("adamw", "muon") if quick else OPTIMIZERS
+    sizes: tuple[str, ...] = ("1M", "10M") if quick else tuple(GPTS)
+    optimizers: tuple[str, ...] = ("adamw", "muon") if quick else OPTIMIZERS
+    # --sizes / --optimizers: a part of the matrix (the whole one takes about an hour and a half).
+    sizes = tuple(os.environ["BENCH_PLAN_SIZES"].split(",")) if os.environ.get("BENCH_PLAN_SIZES") else sizes
+    optimizers = tuple(os.environ["BENCH_PLAN_OPTIMIZERS"].split(",")) if os.environ.get("BENCH_PLAN_OPTIMIZERS") else optimizers
     return [
         (size, opt, mode, n, ckpt)
         for size in sizes
@@ -267,8 +271,14 @@ def main() -> None:
     """`--part memory|time|auto|all`, then `benchmarks.common.cli`'s `--quick` and `--threads`."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
+    parser.add_argument("--sizes", nargs="*", choices=list(GPTS), help="only these GPT sizes (memory and time)")
+    parser.add_argument("--optimizers", nargs="*", choices=list(OPTIMIZERS), help="only these optimizers (memory and time)")
     args, rest = parser.parse_known_args()
     os.environ["BENCH_PLAN_PARTS"] = args.part
+    if args.sizes:
+        os.environ["BENCH_PLAN_SIZES"] = ",".join(args.sizes)
+    if args.optimizers:
+        os.environ["BENCH_PLAN_OPTIMIZERS"] = ",".join(args.optimizers)
     sys.argv = [sys.argv[0], *rest]
     cli(run, __doc__)
 
