@@ -25,7 +25,7 @@ from benchmarks.tune_common import TASKS, full_run, open_search
 
 
 def replay(search: Any, budget_x: float, task_out: Path, cache: dict[tuple[int, str], float]) -> dict[str, Any]:
-    from regimen.search.plan import make_plan, promote
+    from regimen.search.plan import decay_fraction, make_plan, promote, unit_cost
 
     plan = make_plan(search.base, search.space, int(budget_x * search.plan.full))
     top = len(plan.rungs) - 1
@@ -47,16 +47,10 @@ def replay(search: Any, budget_x: float, task_out: Path, cache: dict[tuple[int, 
         running = promote(plan, r, [c for c in ranked if math.isfinite(value(r - 1, c))])
         history.append(running)
     winner = min(running, key=lambda c: (value(top, c), plan.candidates.index(c)))
-    spent, last = float(plan.probe_cost), dict[str, int]()
+    spent, last = plan.probe_cost, dict[str, int]()
     for r, who in enumerate(history):
         for c in who:
-            before = plan.rungs[last[c.name]] if c.name in last else 0
-            decay = float(c.keys.get("lr.decay_fraction", search.base.lr.decay_fraction))
-            spent += {
-                "restart": plan.rungs[r],
-                "prefix": plan.rungs[r] - before,
-                "branch": (1 - decay) * (plan.rungs[r] - before) + decay * plan.rungs[r],
-            }[c.kind]
+            spent += unit_cost(c.kind, plan.rungs, r, decay_fraction(search.base, c), since=last.get(c.name, -1))
             last[c.name] = r
     return {"plan": plan, "winner": winner, "loss": value(top, winner), "spent": spent, "history": [len(h) for h in history]}
 

@@ -49,10 +49,13 @@ lr.schedule = "wsd"
 lr.decay_fraction = 0.25
 optimizer.lr = [1e-5, 0.1, 30.0]
 """
-# A wider race for the resume and sharing tests: WSD (branches), cosine (restarts), schedule-free (prefix).
-WIDE = """
+
+
+def two_families(eta: int, wsd_lrs: str, cos_lrs: str) -> str:
+    """A space of AdamW + WSD (branches) and AdamW + cosine (restarts) at the given LRs."""
+    return f"""
 [search]
-eta = 2
+eta = {eta}
 batch = "keep"
 config = false
 
@@ -60,33 +63,20 @@ config = false
 name = "wsd"
 optimizer.name = "adamw"
 lr.schedule = "wsd"
-optimizer.lr = [3e-3, 3e-2]
+optimizer.lr = {wsd_lrs}
 
 [[family]]
 name = "cos"
 optimizer.name = "adamw"
 lr.schedule = "cosine"
-optimizer.lr = [1e-3, 1e-2]
+optimizer.lr = {cos_lrs}
 """
+
+
+# A wider race for the resume and sharing tests: WSD (branches), cosine (restarts).
+WIDE = two_families(2, "[3e-3, 3e-2]", "[1e-3, 1e-2]")
 # Two families of three LRs each: at 5.5x the plan is three rungs and a hedged final.
-HEDGED = """
-[search]
-eta = 3
-batch = "keep"
-config = false
-
-[[family]]
-name = "wsd"
-optimizer.name = "adamw"
-lr.schedule = "wsd"
-optimizer.lr = [1e-3, 1e-2, 1e-1]
-
-[[family]]
-name = "cos"
-optimizer.name = "adamw"
-lr.schedule = "cosine"
-optimizer.lr = [1e-3, 1e-2, 1e-1]
-"""
+HEDGED = two_families(3, "[1e-3, 1e-2, 1e-1]", "[1e-3, 1e-2, 1e-1]")
 
 
 @pytest.fixture(autouse=True)

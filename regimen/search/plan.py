@@ -272,9 +272,17 @@ def _component(key: str, value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "", f"{short}{text}")
 
 
-def unit_cost(kind: MeasureKind, rungs: Sequence[int], r: int, decay_fraction: float) -> int:
-    """Samples one candidate trains at rung r (its trunk's extension and its measurement)."""
-    before = rungs[r - 1] if r > 0 else 0
+def unit_cost(kind: MeasureKind, rungs: Sequence[int], r: int, decay_fraction: float, since: int | None = None) -> int:
+    """Samples one candidate trains at rung r (its trunk's extension and its measurement).
+
+    `since`: the last rung it ran before (default r - 1; -1 for none, as for a hedged final's
+    neighbour stopped early): a trunk continues from there.
+
+    >>> unit_cost("branch", [100, 300, 900], 2, 0.2), unit_cost("branch", [100, 300, 900], 2, 0.2, since=0)
+    (660, 820)
+    """
+    last = r - 1 if since is None else since
+    before = rungs[last] if last >= 0 else 0
     if kind == "restart":
         return rungs[r]
     if kind == "prefix":
@@ -302,6 +310,8 @@ def make_plan(base: Strategy, space: Space, budget: int, train_size: int | None 
     if any(lower_neighbour(c, candidates) for c in candidates):
         orders.append((True, range(2, MAX_RUNGS + 1)))
     orders.append((False, range(2, MAX_RUNGS + 1)))
+    noise = max(MIN_RUNG_STEPS * batch, full // 27) if space.batch == "probe" else 0
+    probe = len(probing) * PROBE_STEPS * _family_batch(base, space, probing) + noise
     for hedge, rung_counts in orders:
         for n_rungs in rung_counts:
             rungs = rung_budgets(full, space.eta, n_rungs)
@@ -314,13 +324,11 @@ def make_plan(base: Strategy, space: Space, budget: int, train_size: int | None 
                 keep[-1] = keep[-2]
             if 1 in keep[:-1]:
                 break  # a rung with one candidate left decides nothing: fewer rungs
-            noise = max(MIN_RUNG_STEPS * batch, full // 27) if space.batch == "probe" else 0
-            probe = len(probing) * PROBE_STEPS * _family_batch(base, space, probing) + noise
             costs = []
             for r in range(n_rungs):
                 # Who reaches a rung is unknown before the race: cost it with the average candidate (the
                 # report shows what was spent; a race of only restart candidates spends up to ~15% more).
-                per = [unit_cost(c.kind, rungs, r, _decay(base, c)) for c in candidates]
+                per = [unit_cost(c.kind, rungs, r, decay_fraction(base, c)) for c in candidates]
                 costs.append(math.ceil(keep[r] * sum(per) / len(per)))
             if hedge:
                 # Each finalist's neighbour may have stopped at rung 0: cost it a whole run.
@@ -347,7 +355,8 @@ def make_plan(base: Strategy, space: Space, budget: int, train_size: int | None 
     return best
 
 
-def _decay(base: Strategy, c: Candidate) -> float:
+def decay_fraction(base: Strategy, c: Candidate) -> float:
+    """The WSD decay fraction a candidate trains with (its own key, else CONFIG's)."""
     return float(c.keys.get("lr.decay_fraction", base.lr.decay_fraction))
 
 
