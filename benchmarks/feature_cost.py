@@ -42,6 +42,7 @@ CONFIGS: dict[str, list[str]] = {
 
 
 SIZES_RUN = ["1M", "10M"]  # --sizes
+CONFIGS_RUN = list(CONFIGS)  # --configs (always with "bare", every cost's reference)
 
 
 def run(quick: bool) -> list[Table]:
@@ -52,8 +53,8 @@ def run(quick: bool) -> list[Table]:
     tables = []
     for size in SIZES_RUN:
         steps, warmup = plan[size]
-        results: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
-        names = list(CONFIGS)
+        names = list(dict.fromkeys(["bare", *CONFIGS_RUN]))
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for r in range(repeats):
             for name in names if r % 2 == 0 else names[::-1]:
                 args = ["--worker", "regimen", "--size", size, "--steps", str(steps), "--warmup", str(warmup), "--threads", str(n_threads)]
@@ -108,9 +109,11 @@ def main() -> None:
 
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--sizes", nargs="+", choices=list(SIZES), default=SIZES_RUN)
+    extra.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=CONFIGS_RUN, help="which configurations (bare always runs)")
     known, rest = extra.parse_known_args()
     sys.argv[1:] = rest
     SIZES_RUN[:] = known.sizes
+    CONFIGS_RUN[:] = known.configs
     cli(run, __doc__)
 
 

@@ -8,7 +8,8 @@ paired per-repeat overheads (time on / time off - 1). The target is an overhead 
 Two ways of measuring, the two single-process paths of `Trainer.train_step`:
 
 - micro = None: one micro-batch per step, so the small-batch gradient is the previous step's
-  (`ConsecutiveGradients`: one gradient-sized copy and two foreach norms per step).
+  (`ConsecutiveGradients`: the dot product of this and the kept gradient, kept by reference;
+  |g|^2 is the non-finite guard's norm, computed anyway).
 - micro = B / 4: four micro-batches, the small batch is the first one (one foreach norm after
   its backward).
 
@@ -79,8 +80,8 @@ def run_steps(trainer: Trainer, steps: int) -> tuple[float, float]:
 def estimator_ms(trainer: Trainer, batch: int, micro: int | None, iters: int) -> float:
     """The estimator's own work per step, in ms, timed alone on the trainer's real gradients.
 
-    What `train_step` and `fit` add when the estimator is on: the consecutive pair (a copy
-    and two norms of the gradient), or one extra norm after the first micro-batch; then the
+    What `train_step` and `fit` add when the estimator is on: the consecutive pair (a dot
+    product of two gradients; |g|^2 is the guard's), or one extra norm after the first micro-batch; then the
     update of the averages and the read of B_noise that `fit` does after every step. A short
     loop of pure estimator work is far less exposed to a busy machine than a whole run.
     """
@@ -89,7 +90,8 @@ def estimator_ms(trainer: Trainer, batch: int, micro: int | None, iters: int) ->
     loss.backward()
     params, est = trainer.params, NoiseScaleEstimator()
     pairs = ConsecutiveGradients()
-    pairs.pair(params, batch)
+    sqnorm = grad_sqnorm(params)  # the trainer passes the non-finite guard's norm, squared
+    pairs.pair(params, batch, sqnorm=sqnorm)
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     times = []
     for _ in range(5):
@@ -97,7 +99,7 @@ def estimator_ms(trainer: Trainer, batch: int, micro: int | None, iters: int) ->
         start = time.perf_counter()
         for _ in range(iters):
             if micro is None:
-                pair = pairs.pair(params, batch)
+                pair = pairs.pair(params, batch, sqnorm=sqnorm)
                 assert pair is not None
                 est.update(*pair)
             else:

@@ -98,6 +98,21 @@ def _tensors_sqnorm(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Te
     return torch.stack([p.to(device=device, dtype=out_dtype) for p in parts]).sum()
 
 
+def _tensors_dot(a: list[torch.Tensor], b: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Sum over pairs of the dot products <a_i, b_i>, accumulated in `dtype` or wider (one read of each)."""
+    assert len(a) == len(b)
+    if not a:
+        return torch.zeros((), dtype=dtype)
+    parts = []
+    for x, y in zip(a, b):
+        wide = torch.promote_types(x.dtype, dtype)
+        # torch.dot reads both operands once, without a temporary; narrower tensors are widened first.
+        parts.append(torch.dot(x.reshape(-1).to(wide), y.reshape(-1).to(wide)))
+    device = a[0].device
+    out_dtype = functools.reduce(torch.promote_types, (p.dtype for p in parts))
+    return torch.stack([p.to(device=device, dtype=out_dtype) for p in parts]).sum()
+
+
 def grad_sqnorm(params: Iterable[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The squared global L2 norm of the `.grad` of `params`, as a 0-dim tensor (no host sync).
 
@@ -142,6 +157,16 @@ class ConsecutiveGradients:
     adds about B |dG|^2 / 2 to the tr(S) estimate, so B_noise reads high when the learning rate
     is large. Measure g_t before clipping.
 
+    Cost: big is expanded as (B_t^2 |g_t|^2 + B_{t-1}^2 |g_{t-1}|^2 + 2 B_t B_{t-1} <g_t, g_{t-1}>)
+    / (B_t + B_{t-1})^2, so a step reads both gradients once for the dot product and nothing else:
+    |g_t|^2 can come from the caller (the trainer's non-finite guard already computed the norm),
+    and the gradient is kept by reference, not copied, because the trainer sets .grad to None
+    after each step and the next backward allocates new tensors. The kept tensors' version
+    counters tell whether anything wrote into them in place since (a loop that zeroes .grad
+    instead of dropping it, an optimizer that edits gradients): then that pair is dropped and
+    from there on the gradient is copied. A caller that scales the gradients in place on purpose
+    (clipping) says so with `scaled`, and the dot product is divided by the factor.
+
     State: `state_dict()` holds the kept gradient (as large as the model); the trainer saves it
     in checkpoints so that a resumed run pairs, and adapts its batch, exactly as before.
     Call `reset` after a skipped (non-finite) step or a rollback so no pair straddles it.
@@ -162,12 +187,21 @@ class ConsecutiveGradients:
         self._prev: list[torch.Tensor] | None = None
         self._prev_sqnorm: torch.Tensor | None = None
         self._prev_batch = 0.0
+        self._prev_scale = 1.0  # the kept tensors hold scale x the kept gradient (`scaled`)
+        self._by_reference = True  # False once something wrote into a kept .grad in place
+        self._versions: list[int] = []  # the kept tensors' version counters when last seen
 
     def state_dict(self) -> dict[str, Any]:
         """The kept gradient (as large as the model), so that a resume pairs exactly as before."""
         if self._prev is None:
             return {}
-        return {"prev": list(self._prev), "prev_sqnorm": self._prev_sqnorm, "prev_batch": self._prev_batch}
+        return {
+            "prev": list(self._prev),
+            "prev_sqnorm": self._prev_sqnorm,
+            "prev_batch": self._prev_batch,
+            "prev_scale": self._prev_scale,
+            "by_reference": self._by_reference,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
@@ -176,43 +210,67 @@ class ConsecutiveGradients:
         self._prev = [t.clone() for t in state["prev"]]
         self._prev_sqnorm = state["prev_sqnorm"].clone()
         self._prev_batch = float(state["prev_batch"])
+        self._prev_scale = float(state.get("prev_scale", 1.0))
+        self._by_reference = bool(state.get("by_reference", False))
+        self._versions = [t._version for t in self._prev]
 
     def reset(self) -> None:
         """Forget the kept gradient; the next `pair` starts a new pairing (and returns None)."""
         self._prev = None
         self._prev_sqnorm = None
         self._prev_batch = 0.0
+        self._prev_scale = 1.0
+        self._versions = []
 
-    def pair(self, params: Iterable[torch.Tensor], batch: float) -> GradientPair | None:
+    def scaled(self, factor: float) -> None:
+        """The caller multiplied the gradients just paired by `factor` in place (clipping them)."""
+        if self._prev is None or not self._by_reference:
+            return  # nothing kept, or a copy the multiply did not reach
+        self._prev_scale *= float(factor)
+        self._versions = [t._version for t in self._prev]
+
+    def pair(self, params: Iterable[torch.Tensor], batch: float, sqnorm: torch.Tensor | None = None) -> GradientPair | None:
         """Keep the current `.grad` of `params` (mean over `batch` samples); pair it with the last one.
 
-        Returns None on the first call after construction or `reset`, or when the set of
-        parameters with a gradient changed; otherwise a `GradientPair` of 0-dim tensors.
+        `sqnorm`, when given, is the gradients' squared norm the caller already has (saving a
+        read of them). Returns None on the first call after construction or `reset`, when the
+        set of parameters with a gradient changed, or when a kept gradient was written in place
+        since; otherwise a `GradientPair` of 0-dim tensors.
         """
         if not batch > 0:
             raise ValueError(f"batch = {batch!r}: must be > 0 (samples in the gradient's batch)")
         batch = float(batch)
         with torch.no_grad():
             grads = [p.grad for p in params if p.grad is not None]
-            sqnorm = _tensors_sqnorm(grads, torch.float32)
-            result = None
-            if self._prev is None or len(self._prev) != len(grads):
-                # Allocated once; later steps copy into it (no allocation on the hot path).
-                self._prev = [torch.empty_like(g) for g in grads]
-            else:
+            if sqnorm is None:
+                sqnorm = _tensors_sqnorm(grads, torch.float32)
+            prev, result = self._prev, None
+            if prev is not None and self._by_reference and [t._version for t in prev] != self._versions:
+                # Written in place: that gradient is lost, and the tensors are not ours to copy into.
+                self._by_reference, self._prev, prev = False, None, None
+            if prev is not None and [t.shape for t in prev] == [g.shape for g in grads]:
                 assert self._prev_sqnorm is not None
                 total = batch + self._prev_batch
-                # Turn the kept gradient into the sample-weighted mean in place, in one pass:
-                # prev + (b / total) (g - prev) = (b_prev / total) prev + (b / total) g.
-                torch._foreach_lerp_(self._prev, grads, batch / total)
-                big = _tensors_sqnorm(self._prev, torch.float32)
+                w, w_prev = batch / total, self._prev_batch / total
+                dot = _tensors_dot(grads, prev, torch.float32)
+                big = sqnorm * w**2 + self._prev_sqnorm * w_prev**2 + dot * (2 * w * w_prev / self._prev_scale)
                 small = (sqnorm + self._prev_sqnorm) / 2
                 small_batch = 2.0 / (1.0 / batch + 1.0 / self._prev_batch)
                 result = GradientPair(small, small_batch, big, total)
-            torch._foreach_copy_(self._prev, grads)
+            self._keep(grads)
             self._prev_sqnorm = sqnorm
             self._prev_batch = batch
         return result
+
+    def _keep(self, grads: list[torch.Tensor]) -> None:
+        self._prev_scale = 1.0
+        if self._by_reference:
+            self._prev = list(grads)
+            self._versions = [g._version for g in grads]
+            return
+        if self._prev is None or [t.shape for t in self._prev] != [g.shape for g in grads]:
+            self._prev = [torch.empty_like(g) for g in grads]  # allocated once, then copied into
+        torch._foreach_copy_(self._prev, grads)
 
 
 class NoiseScaleEstimator:

@@ -410,14 +410,17 @@ class Trainer:
             for g in grads:
                 d.all_reduce_sum(g)
             torch._foreach_div_(grads, d.world_size)
-        # The consecutive-steps pair is taken before clipping: clipping would bias both norms.
-        pair = self.consecutive.pair(self.params, B) if self.consecutive is not None and not noise_small else None
-        if noise_small and self.consecutive is not None:
-            self.consecutive.reset()  # measured with micro-batches: no later pair may reach back past this step
         # The norm is the non-finite guard's price: one read pass over the gradients. Clipping's
         # multiply (a second pass) waits for the norm on the host below, and is skipped when the
         # norm is under the limit, where torch's clip_grad_norm_ multiplies by 1.0 to save a sync.
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        # The consecutive-steps pair is taken before clipping (clipping would bias both norms) and
+        # reuses the guard's norm, so it adds one read of this and the last gradient (a dot product).
+        pair = None
+        if self.consecutive is not None and not noise_small:
+            pair = self.consecutive.pair(self.params, B, sqnorm=norm.square())
+        if noise_small and self.consecutive is not None:
+            self.consecutive.reset()  # measured with micro-batches: no later pair may reach back past this step
         # One vector, one all-reduce, one host read. A non-finite loss or norm on any rank makes
         # its sum non-finite on every rank, so all ranks skip together; the norm is the global
         # one on every rank, so its sum is world_size times it.
@@ -437,6 +440,8 @@ class Trainer:
                 self.noise.update(*pair)
         if clips(norm_value, s.train.clip):
             torch.nn.utils.clip_grads_with_norm_(self.params, s.train.clip, norm, foreach=True)
+            if self.consecutive is not None:
+                self.consecutive.scaled(min(s.train.clip / (norm_value + 1e-6), 1.0))  # what the multiply was
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"skipped": False, "loss": loss_value / B, "lr": lr, "batch_size": B, "grad_norm": norm_value, "data_wait": data_wait}

@@ -26,6 +26,7 @@ from torch import nn
 
 from regimen.checkpoint import list_checkpoints
 from regimen.data import TaskData, TensorSamples
+from regimen.noise import NoiseScaleEstimator
 from regimen.progress import Progress, Unit
 from regimen.rundir import read_metrics
 from regimen.schedules import AdaptiveBatch, build_lr_schedule, lr_batch_scale
@@ -357,8 +358,8 @@ def test_consecutive_pair_spans_two_consecutive_steps_only() -> None:
     calls: list[tuple[int, bool]] = []  # (step whose gradient was kept, whether a pair came back)
     inner = trainer.consecutive.pair
 
-    def pair(params: Any, batch: float) -> Any:
-        result = inner(params, batch)
+    def pair(params: Any, batch: float, **kwargs: Any) -> Any:
+        result = inner(params, batch, **kwargs)
         calls.append((trainer.progress.step, result is not None))
         return result
 
@@ -367,6 +368,39 @@ def test_consecutive_pair_spans_two_consecutive_steps_only() -> None:
     assert {4, 8} <= set(sizes) and any(a == 8 and b == 4 for a, b in pairwise(sizes)), sizes
     for (before, _), (step, paired) in pairwise(calls):
         assert not paired or step == before + 1, f"the gradient of step {step + 1} was paired with that of step {before + 1}"
+
+
+def test_noise_scale_with_clipping_equals_that_of_copied_unclipped_gradients() -> None:
+    # One process, one micro-batch: the trainer keeps the last gradient by reference, takes |g|^2
+    # from the guard's norm and clips the kept gradient in place afterwards. The estimate must be
+    # the one an oracle computes in float64 from copies of the unclipped gradients.
+    s = _strategy(observe={"noise_scale": True, "noise_ema": 0.8}, train={"steps": 12, "clip": 0.05})
+    trainer = Trainer(s, _task())
+    assert trainer.consecutive is not None
+    seen: list[tuple[float, list[torch.Tensor]]] = []
+    inner = trainer.consecutive.pair
+
+    def pair(params: Any, batch: float, **kwargs: Any) -> Any:
+        params = list(params)
+        seen.append((float(batch), [p.grad.detach().double().clone() for p in params if p.grad is not None]))
+        return inner(params, batch, **kwargs)
+
+    trainer.consecutive.pair = pair  # type: ignore[method-assign]
+    history = trainer.fit().history
+    assert sum(r["grad_norm"] > 0.05 for r in history) >= len(history) // 2, "most steps should clip"
+
+    def sq(gs: list[torch.Tensor]) -> float:
+        return sum(g.square().sum().item() for g in gs)
+
+    oracle, want = NoiseScaleEstimator(ema=0.8), []
+    for (b0, g0), (b1, g1) in pairwise(seen):
+        mean = [(b0 * x + b1 * y) / (b0 + b1) for x, y in zip(g0, g1)]
+        oracle.update((sq(g0) + sq(g1)) / 2, 2 / (1 / b0 + 1 / b1), sq(mean), b0 + b1)
+        want.append(oracle.noise_scale)
+    got = [r.get("noise_scale") for r in history[1:]]
+    # float32 norms of ~100 numbers (relative error ~1e-6) against float64; the difference small -
+    # big that tr(S) is made of can cancel up to ~100x here, hence 1e-3.
+    assert got == pytest.approx(want, rel=1e-3)
 
 
 # ---- end to end: the built-in GPT, a ramp in tokens, the noise scale, the plot --------------

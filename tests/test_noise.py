@@ -231,9 +231,6 @@ def test_consecutive_gradients_pairs_hand_made_gradients():
     # small = (14 + 10) / 2 at batch 4; big = |(g1 + g2) / 2|^2 = |[2, 1, 2]|^2 = 9 at batch 8.
     assert (p.small_sqnorm.item(), p.small_batch, p.big_sqnorm.item(), p.big_batch) == pytest.approx((12.0, 4.0, 9.0, 8.0))
 
-    # The kept gradient is a copy: changing .grad in place (zero_grad) must not reach it.
-    a.grad.zero_()
-    c.grad.zero_()
     a.grad, c.grad = torch.tensor([0.0, 3.0]), torch.tensor([5.0])  # |g3|^2 = 34, batch 12
     p = pairs.pair([a, c], batch=12)
     # Sample-weighted mean (4 g2 + 12 g3) / 16 = [0.75, 2.25, 4]; small at 2 / (1/4 + 1/12) = 6.
@@ -265,3 +262,85 @@ def test_consecutive_gradients_feed_the_estimator_at_fixed_parameters():
                 est.update(*p)
     assert est.num_updates == steps - 1
     assert est.noise_scale == pytest.approx(trace_cov_true / grad_sqnorm_true, rel=0.15)
+
+
+def _pair_values(p: GradientPair | None) -> tuple[float, float, float, float]:
+    assert p is not None
+    return (p.small_sqnorm.item(), p.small_batch, p.big_sqnorm.item(), p.big_batch)
+
+
+def test_consecutive_gradients_drop_a_pair_whose_kept_gradient_was_written_in_place():
+    # The gradient is kept by reference; a loop that zeroes .grad in place (instead of setting it
+    # to None) destroys it. That pair is dropped, and from then on the gradient is copied.
+    a = torch.nn.Parameter(torch.zeros(3))
+    pairs = ConsecutiveGradients()
+    a.grad = torch.tensor([1.0, 2.0, 3.0])
+    pairs.pair([a], batch=4)
+    a.grad.zero_()  # what zero_grad(set_to_none=False) does
+    a.grad.add_(torch.tensor([3.0, 0.0, 1.0]))
+    assert pairs.pair([a], batch=4) is None, "the kept gradient was overwritten: no pair may use it"
+    a.grad.zero_()
+    a.grad.add_(torch.tensor([1.0, 0.0, 3.0]))
+    # Copied this time: the pair is of [3, 0, 1] and [1, 0, 3], not of [1, 0, 3] with itself.
+    assert _pair_values(pairs.pair([a], batch=4)) == pytest.approx((10.0, 4.0, 8.0, 8.0))
+    assert pairs.state_dict()["by_reference"] is False
+
+
+def test_consecutive_gradients_undo_a_declared_in_place_scale():
+    # Clipping multiplies the kept gradient in place; `scaled` says by how much, and the next pair
+    # is the one of the unclipped gradients (to float32 rounding: the dot product is divided back).
+    torch.manual_seed(5)
+    g1, g2 = torch.randn(1000), torch.randn(1000) + 0.5
+    w = torch.nn.Parameter(torch.zeros(1000))
+    plain, clipped = ConsecutiveGradients(), ConsecutiveGradients()
+    w.grad = g1.clone()
+    plain.pair([w], batch=8)
+    w.grad = g1.clone()
+    clipped.pair([w], batch=8)
+    w.grad.mul_(0.3)
+    clipped.scaled(0.3)
+    w.grad = g2.clone()
+    want = _pair_values(plain.pair([w], batch=16))
+    w.grad = g2.clone()
+    got = _pair_values(clipped.pair([w], batch=16))
+    assert got == pytest.approx(want, rel=1e-5)
+    # Without `scaled` the in-place multiply is caught, not silently paired.
+    w.grad.mul_(0.5)
+    w.grad = g1.clone()
+    assert clipped.pair([w], batch=8) is None
+
+
+def test_consecutive_gradients_take_the_callers_squared_norm():
+    torch.manual_seed(6)
+    w = torch.nn.Parameter(torch.zeros(50))
+    own, given = ConsecutiveGradients(), ConsecutiveGradients()
+    results = []
+    for pairs in (own, given):
+        torch.manual_seed(6)
+        out = None
+        for _ in range(2):
+            w.grad = torch.randn(50)
+            out = pairs.pair([w], batch=4, sqnorm=w.grad.square().sum() if pairs is given else None)
+        results.append(_pair_values(out))
+    assert results[0] == pytest.approx(results[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_consecutive_gradients_state_round_trip_pairs_bit_for_bit(scale):
+    torch.manual_seed(7)
+    w = torch.nn.Parameter(torch.zeros(64))
+    pairs = ConsecutiveGradients()
+    w.grad = torch.randn(64)
+    pairs.pair([w], batch=4)
+    w.grad.mul_(scale)
+    pairs.scaled(scale)
+    buffer = io.BytesIO()
+    torch.save(pairs.state_dict(), buffer)
+    resumed = ConsecutiveGradients()
+    resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    g = torch.randn(64)
+    w.grad = g.clone()
+    want = pairs.pair([w], batch=4)
+    w.grad = g.clone()
+    got = resumed.pair([w], batch=4)
+    assert _pair_values(got) == _pair_values(want)
