@@ -51,6 +51,7 @@ reported as a share of the timed steps. The peers run where they are importable:
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -303,8 +304,12 @@ def regimen_loop(
         losses.append(out["loss"])
         waits.append(out["data_wait"])
 
-    run_dir = tempfile.mkdtemp(prefix="loop-speed-regimen-") + "/run" if any(f.startswith("checkpoint") for f in features) else None
-    Trainer(strategy, task, run_dir=run_dir, hooks=[stamp, *(hooks or [])]).fit()
+    tmp = tempfile.mkdtemp(prefix="loop-speed-regimen-") if any(f.startswith("checkpoint") for f in features) else None
+    try:
+        Trainer(strategy, task, run_dir=tmp and tmp + "/run", hooks=[stamp, *(hooks or [])]).fit()
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # the benchmark made it
     return stamps, losses[-1], waits
 
 
@@ -326,7 +331,10 @@ def worker(kind: str, size: str, steps: int, warmup: int, threads: int, features
             from benchmarks.peers import hf_loop as run
         else:
             raise ValueError(f"unknown loop {kind!r}; allowed: {', '.join(KINDS)}")
-        stamps, loss = run(w)
+        try:
+            stamps, loss = run(w)
+        finally:
+            shutil.rmtree(w.save_dir, ignore_errors=True)  # the benchmark made it: 2 GB of checkpoints a run at 50M
     assert len(stamps) == steps, f"{kind}: {len(stamps)} steps timed, {steps} asked"
     seconds = stamps[-1] - stamps[warmup - 1]
     tokens = (steps - warmup) * BATCH * CONTEXT
