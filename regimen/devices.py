@@ -32,12 +32,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import statistics
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -260,11 +261,20 @@ def dispatch_overhead() -> tuple[float, float]:
     return per_op, per_call
 
 
-def measure(device: Any, threads: int, compute_ops: list[tuple[Any, float]], link: float, max_bytes: int = 256 * 2**20) -> Speed:
-    """This machine's speed on `device` with `threads` intra-op threads, timing each compute op given.
+def measure(
+    device: Any,
+    threads: int,
+    compute_ops: list[tuple[Any, float]],
+    link: float,
+    max_bytes: int = 256 * 2**20,
+    other_ops: Sequence[Any] = (),
+) -> Speed:
+    """This machine's speed on `device` with `threads` intra-op threads, timing each op given.
 
     `compute_ops` are (`regimen.trace.OpKey`, FLOPs); an op whose tensors exceed `max_bytes` is not run
-    here (it would cost real memory): the fastest throughput measured stands in for it.
+    here (it would cost real memory): the fastest throughput measured stands in for it. `other_ops`
+    are the large non-matmul ops (`regimen.trace.Tally.large`), timed the same way where they can be
+    rerun alone on random data; the others are priced at the measured bandwidth.
     """
     import torch
 
@@ -277,6 +287,10 @@ def measure(device: Any, threads: int, compute_ops: list[tuple[Any, float]], lin
         op_seconds = {key: _time_op(key, device, sync) for key, _ in compute_ops if _operand_bytes(key) <= max_bytes}
         flops_of = dict(compute_ops)
         best = max((flops_of[k] / max(t, 1e-9) for k, t in op_seconds.items()), default=0.0)
+        for key in other_ops:
+            if _operand_bytes(key) <= max_bytes:
+                with contextlib.suppress(Exception):  # an op random data cannot drive keeps the bandwidth's price
+                    op_seconds[key] = _time_op(key, device, sync)
         if best == 0.0:  # nothing small enough was traced: a square matmul stands for them all
             x = torch.randn(1024, 1024, device=device)
             best = 2 * 1024**3 / _median_seconds(lambda: x @ x, sync, 5)

@@ -27,8 +27,9 @@ in host memory and the update runs there.
 
 The model of time (per step): each traced op costs its dispatch overhead plus, for matmuls and
 attention, its own time measured on this machine at its shapes (or its FLOPs at a datasheet's
-peak for an accelerator that is not here), and for every other op the bytes it moves at the
-measured memory bandwidth; plus the step's communication at the link's bandwidth (DDP: an
+peak for an accelerator that is not here); every other op moving at least 1 MiB its own time
+measured the same way where it can be rerun alone, else (and for the smaller ones) the bytes it
+moves at the measured memory bandwidth; plus the step's communication at the link's bandwidth (DDP: an
 all-reduce of the gradients; FSDP: two all-gathers of the parameters and a reduce-scatter of the
 gradients), counted without overlap.
 
@@ -373,7 +374,8 @@ def footprint(trace: PolicyTrace, layout: Layout, share: int, runtime: Runtime, 
 def phase_seconds(tally: Tally, speed: Speed, host_is_device: bool) -> float:
     """Seconds of a traced stretch on a device of `speed` (see the module docstring)."""
     compute = sum(n * speed.compute_seconds(k, tally.flops_of[k]) for k, n in tally.compute.items())
-    device = compute + tally.memory_bytes / speed.bandwidth
+    large = sum(n * speed.op_seconds.get(k, tally.bytes_of[k] / speed.bandwidth) for k, n in tally.large.items())
+    device = compute + large + tally.memory_bytes / speed.bandwidth
     host = tally.ops * speed.overhead_s + tally.module_calls * speed.module_call_s
     # A CPU dispatches and computes on the same threads; an accelerator overlaps them.
     return device + host if host_is_device else max(device, host)

@@ -246,11 +246,6 @@ class Planner:
         """Every alternative's row, and the fastest that fits."""
         s = self.strategy
         given = self.given_layout()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for _, pol, _ in self.layouts():
-                self.trace(pol)
-            self.trace(given.checkpointing)
         speed = self.speed()
         steps, mean_batch = self.budget()
         if s.batch.micro == "auto":
@@ -292,21 +287,33 @@ class Planner:
         return steps, samples / max(steps, 1)
 
     def speed(self) -> devices.Speed:
-        """This machine's measured speed on the target device, or the named accelerator's datasheet (once)."""
+        """This machine's measured speed on the target device, or the named accelerator's datasheet (once).
+
+        Every alternative is traced first: the measurement times the ops the traces hold, and an op
+        traced after it would fall back to the matmul throughput (a step priced at that alone
+        was about half the measured one).
+        """
         if self._speed is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for _, pol, _ in self.layouts():
+                    self.trace(pol)
+                self.trace(self.given_layout().checkpointing)
             self._speed = self._measure_speed()
         return self._speed
 
     def _measure_speed(self) -> devices.Speed:
         t = self.target
         if t.here:
-            keys = {}
+            keys: dict[Any, float] = {}
+            large: dict[Any, None] = {}  # ordered, no repeats
             for trace in self.traces.values():
                 for phase in [*trace.first.values(), *trace.later.values(), trace.update]:
                     keys.update(phase.tally.flops_of)
+                    large.update(dict.fromkeys(phase.tally.large))
             threads = max(1, torch.get_num_threads() // t.devices) if t.host_is_device else torch.get_num_threads()
             link = devices.loopback_bandwidth() if t.host_is_device else 0.0
-            speed = devices.measure(t.torch_device, threads, list(keys.items()), link, max_bytes=64 * 2**20)
+            speed = devices.measure(t.torch_device, threads, list(keys.items()), link, max_bytes=64 * 2**20, other_ops=list(large))
             if not t.host_is_device:
                 speed.link = speed.host_link = 25e9  # a GPU's link cannot be measured alone: PCIe 4.0 stands in
             return speed
@@ -318,8 +325,9 @@ class Planner:
         t = self.target
         if t.here:
             how = (
-                f"step time: each matmul and attention op timed here at its shapes ({len(speed.op_seconds)} timed), "
-                f"other ops at {speed.bandwidth / 1e9:.1f} GB/s plus {speed.overhead_s * 1e6:.1f} us each"
+                f"step time: each matmul, attention and other op moving over 1 MiB timed here at its shapes "
+                f"({len(speed.op_seconds)} timed), smaller ops at {speed.bandwidth / 1e9:.1f} GB/s plus "
+                f"{speed.overhead_s * 1e6:.1f} us each"
             )
         else:
             how = (

@@ -86,7 +86,11 @@ class Tally:
 
     compute: Counter[OpKey] = field(default_factory=Counter)
     flops_of: dict[OpKey, float] = field(default_factory=dict)
-    memory_bytes: float = 0.0
+    memory_bytes: float = 0.0  # bytes of the other ops below TIMED_BYTES
+    # The other ops that move at least TIMED_BYTES, by kind, with their bytes: many are not bound
+    # by memory at all (gelu's erf, layer norm's reductions), so a measured machine times them too.
+    large: Counter[OpKey] = field(default_factory=Counter)
+    bytes_of: dict[OpKey, float] = field(default_factory=dict)
     ops: int = 0
     module_calls: int = 0
 
@@ -205,7 +209,30 @@ class Recorder(TorchDispatchMode):
             self.tally.compute[key] += 1
         elif not _is_view(func):
             inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-            self.tally.memory_bytes += sum(map(_nbytes, inputs)) + sum(map(_nbytes, outputs))
+            nbytes = sum(map(_nbytes, inputs)) + sum(map(_nbytes, outputs))
+            large = _large_key(func, args, kwargs, nbytes)
+            if large is None:
+                self.tally.memory_bytes += nbytes
+            else:
+                self.tally.bytes_of[large] = float(nbytes)
+                self.tally.large[large] += 1
+
+
+# An op moving at least this many bytes is kept by kind (`Tally.large`) to be timed on its own;
+# below it, dispatch dominates and bytes at the memory bandwidth are close enough.
+TIMED_BYTES = 2**20
+
+
+def _large_key(func: Any, args: Any, kwargs: dict[str, Any], nbytes: int) -> OpKey | None:
+    """The op's key when it is large enough to time and can be rerun alone (an aten op, hashable arguments)."""
+    if nbytes < TIMED_BYTES or func.namespace != "aten":  # collectives and custom ops are not rerun
+        return None
+    key = OpKey(func, _spec(args), tuple((k, _spec(v)) for k, v in sorted(kwargs.items())))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _is_view(func: Any) -> bool:

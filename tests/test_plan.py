@@ -232,3 +232,44 @@ def test_calibrate_measures_here_and_says_so(corpus: Path) -> None:
     notes = [line for line in done.stdout.splitlines() if line.startswith("- ")]
     assert notes[0].startswith("- calibrated (1 process here, none, micro 8): step measured ")
     assert "tensors' peak measured" in notes[0] and "(measured by --calibrate)" in done.stdout
+
+
+def test_large_ops_are_timed_alone_and_small_ones_priced_by_bandwidth() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from regimen.trace import TIMED_BYTES, OpKey, TensorSpec
+
+    big_n = TIMED_BYTES // 4  # float32 elements: the input alone is TIMED_BYTES
+    with FakeTensorMode():
+        x, small = torch.ones(big_n), torch.ones(16)
+        with Recorder() as r:
+            torch.nn.functional.gelu(x)  # reads and writes 2 x TIMED_BYTES: kept by kind
+            torch.nn.functional.gelu(x)  # the same kind again: counted twice, one key
+            small.exp()  # 64 + 64 bytes
+    tally = r.tally
+    (key,) = tally.large
+    assert key.op is torch.ops.aten.gelu.default and tally.large[key] == 2
+    assert tally.bytes_of[key] == 2 * TIMED_BYTES
+    assert tally.memory_bytes == 128  # the small op, by bytes
+
+    # An op random data cannot drive (mismatched matmul shapes) is left to the bandwidth's price.
+    broken = OpKey(torch.ops.aten.mm.default, (TensorSpec((3, 4), (4, 1), torch.float32), TensorSpec((5, 6), (6, 1), torch.float32)), ())
+    speed = devices.measure(torch.device("cpu"), 1, [], 0.0, other_ops=[key, broken])
+    assert key in speed.op_seconds and broken not in speed.op_seconds and speed.op_seconds[key] > 0
+
+    # The phase's time: the timed op's own seconds, the rest at the bandwidth, plus dispatch per op.
+    timed = replace(speed, op_seconds={key: 0.25}, overhead_s=0.0, module_call_s=0.0, bandwidth=1e6)
+    assert estimate.phase_seconds(tally, timed, host_is_device=True) == pytest.approx(2 * 0.25 + tally.memory_bytes / 1e6)
+    untimed = replace(timed, op_seconds={})
+    assert estimate.phase_seconds(tally, untimed, True) == pytest.approx((2 * 2 * TIMED_BYTES + tally.memory_bytes) / 1e6)
+
+
+def test_speed_times_every_alternatives_ops_whoever_asks_first(corpus: Path) -> None:
+    # The benchmark asked for the speed before any row was traced: nothing was timed and every
+    # matmul fell back to one throughput (a step predicted at about half the measured one).
+    p = Planner(_strategy(corpus, "parallel.activation_checkpointing=block"), resolve_target("cpu", 1, 1024.0))
+    speed = p.speed()
+    assert {"none", "block", "selective"} <= set(p.traces)
+    for trace in p.traces.values():
+        for phase in [*trace.first.values(), *trace.later.values(), trace.update]:
+            assert set(phase.tally.flops_of) <= set(speed.op_seconds)
