@@ -14,8 +14,9 @@ FSDP; P parameters, N devices; mixed-precision Adam, no activations) and the rul
 "Adam is 4x the model" (16 bytes per parameter, divided by N under FSDP).
 Adafactor does not run under FSDP2 (it reads norms on the host): those rows are left out.
 
-(b) Time. The same rows (without the isolating malloc setting): the planner's predicted step
-time against the median measured step, goal within 15%; then "after --calibrate": every row's
+(b) Time. The same rows (without the isolating malloc setting; freed memory kept for reuse, as
+`Trainer.fit` does on a CPU): the planner's predicted step time against the median measured
+step, goal within 15%; then "after --calibrate": every row's
 prediction multiplied by measured / predicted of its model's 1-process, no-checkpointing row
 (what `regimen plan --calibrate` does with its own calibration run), goal within 5% on the
 other rows. Timing: run it on a quiet machine.
@@ -204,9 +205,11 @@ def time_table(quick: bool) -> Table:
         command="python -m benchmarks.plan_accuracy --part time" + (" --quick" if quick else ""),
         fmt={"measured ms": ".1f", "predicted ms": ".1f", "error %": "+.1f", "after --calibrate %": "+.1f"},
         notes=[
-            "Measured: the median step after the first, default malloc; 2 processes share the cores (each gets half the threads).",
-            "Predicted: each matmul and attention op timed here at its shapes, other ops at the measured memory bandwidth plus "
-            "a per-op dispatch cost, communication at the loopback TCP bandwidth without overlap.",
+            "Measured: the median step after the first, freed memory kept as `Trainer.fit` keeps it (no page faults once warm); "
+            "2 processes share the cores (each gets half the threads).",
+            "Predicted: each matmul, attention and other op moving over 1 MiB timed here at its shapes, smaller ops at the measured "
+            "memory bandwidth, plus a per-op cost measured on a tiny training step, communication at the loopback TCP bandwidth "
+            "without overlap.",
             "After --calibrate: scaled by measured / predicted of the same model's 1-process row without checkpointing "
             "(blank: that row itself).",
             f"Worst error {worst:.1%} (goal <= {TIME_GOAL:.0%}: {'met' if worst <= TIME_GOAL else '**not met**'}); after "
