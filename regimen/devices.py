@@ -287,14 +287,16 @@ def measure(
     compute_ops: list[tuple[Any, float]],
     link: float,
     max_bytes: int = 256 * 2**20,
-    other_ops: Sequence[Any] = (),
+    other_ops: Sequence[tuple[Any, float]] = (),
 ) -> Speed:
     """This machine's speed on `device` with `threads` intra-op threads, timing each op given.
 
     `compute_ops` are (`regimen.trace.OpKey`, FLOPs); an op whose tensors exceed `max_bytes` is not run
     here (it would cost real memory): the fastest throughput measured stands in for it. `other_ops`
-    are the large non-matmul ops (`regimen.trace.Tally.large`), timed the same way where they can be
-    rerun alone on random data; the others are priced at the measured bandwidth.
+    are the large non-matmul ops (`regimen.trace.Tally.large`) with the bytes they read and write,
+    timed the same way where they can be rerun alone on random data and move at most twice
+    `max_bytes` (an op such as `zeros` has no operands but a large output); the others are priced
+    at the measured bandwidth.
     """
     import torch
 
@@ -307,8 +309,8 @@ def measure(
         op_seconds = {key: _time_op(key, device, sync) for key, _ in compute_ops if _operand_bytes(key) <= max_bytes}
         flops_of = dict(compute_ops)
         best = max((flops_of[k] / max(t, 1e-9) for k, t in op_seconds.items()), default=0.0)
-        for key in other_ops:
-            if _operand_bytes(key) <= max_bytes:
+        for key, nbytes in other_ops:
+            if nbytes <= 2 * max_bytes:
                 with contextlib.suppress(Exception):  # an op random data cannot drive keeps the bandwidth's price
                     op_seconds[key] = _time_op(key, device, sync)
         if best == 0.0:  # nothing small enough was traced: a square matmul stands for them all

@@ -306,14 +306,14 @@ class Planner:
         t = self.target
         if t.here:
             keys: dict[Any, float] = {}
-            large: dict[Any, None] = {}  # ordered, no repeats
+            large: dict[Any, float] = {}  # op -> the bytes it moves
             for trace in self.traces.values():
                 for phase in [*trace.first.values(), *trace.later.values(), trace.update]:
                     keys.update(phase.tally.flops_of)
-                    large.update(dict.fromkeys(phase.tally.large))
+                    large.update({k: phase.tally.bytes_of[k] for k in phase.tally.large})
             threads = max(1, torch.get_num_threads() // t.devices) if t.host_is_device else torch.get_num_threads()
             link = devices.loopback_bandwidth() if t.host_is_device else 0.0
-            speed = devices.measure(t.torch_device, threads, list(keys.items()), link, max_bytes=64 * 2**20, other_ops=list(large))
+            speed = devices.measure(t.torch_device, threads, list(keys.items()), link, max_bytes=64 * 2**20, other_ops=list(large.items()))
             if not t.host_is_device:
                 speed.link = speed.host_link = 25e9  # a GPU's link cannot be measured alone: PCIe 4.0 stands in
             return speed

@@ -254,8 +254,11 @@ def test_large_ops_are_timed_alone_and_small_ones_priced_by_bandwidth() -> None:
 
     # An op random data cannot drive (mismatched matmul shapes) is left to the bandwidth's price.
     broken = OpKey(torch.ops.aten.mm.default, (TensorSpec((3, 4), (4, 1), torch.float32), TensorSpec((5, 6), (6, 1), torch.float32)), ())
-    speed = devices.measure(torch.device("cpu"), 1, [], 0.0, other_ops=[key, broken])
-    assert key in speed.op_seconds and broken not in speed.op_seconds and speed.op_seconds[key] > 0
+    # One too large to run here (a zeros() of 1 GiB has no operands) is not run either.
+    huge = OpKey(torch.ops.aten.zeros.default, ((2**28,),), (("device", torch.device("cpu")), ("dtype", torch.float32)))
+    other = [(key, tally.bytes_of[key]), (broken, 0.0), (huge, 2.0**30)]
+    speed = devices.measure(torch.device("cpu"), 1, [], 0.0, max_bytes=2**26, other_ops=other)
+    assert set(speed.op_seconds) == {key} and speed.op_seconds[key] > 0
 
     # The phase's time: the timed op's own seconds, the rest at the bandwidth, plus dispatch per op.
     timed = replace(speed, op_seconds={key: 0.25}, overhead_s=0.0, module_call_s=0.0, bandwidth=1e6)
