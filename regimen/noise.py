@@ -91,11 +91,7 @@ def _tensors_sqnorm(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Te
     for (_, t_dtype), group in groups.items():
         norms = torch._foreach_norm(group, 2, dtype=torch.promote_types(t_dtype, dtype))
         parts.append(torch.stack(norms).square().sum())
-    if len(parts) == 1:
-        return parts[0]
-    device = tensors[0].device
-    out_dtype = functools.reduce(torch.promote_types, (p.dtype for p in parts))
-    return torch.stack([p.to(device=device, dtype=out_dtype) for p in parts]).sum()
+    return _total(parts, tensors[0].device)
 
 
 def _tensors_dot(a: list[torch.Tensor], b: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -108,7 +104,13 @@ def _tensors_dot(a: list[torch.Tensor], b: list[torch.Tensor], dtype: torch.dtyp
         wide = torch.promote_types(x.dtype, dtype)
         # torch.dot reads both operands once, without a temporary; narrower tensors are widened first.
         parts.append(torch.dot(x.reshape(-1).to(wide), y.reshape(-1).to(wide)))
-    device = a[0].device
+    return _total(parts, a[0].device)
+
+
+def _total(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The sum of 0-dim partial sums, on `device`, in the widest of their dtypes."""
+    if len(parts) == 1:
+        return parts[0]
     out_dtype = functools.reduce(torch.promote_types, (p.dtype for p in parts))
     return torch.stack([p.to(device=device, dtype=out_dtype) for p in parts]).sum()
 

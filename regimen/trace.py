@@ -203,7 +203,7 @@ class Recorder(TorchDispatchMode):
         self.tally.ops += 1
         packet = func.overloadpacket
         if packet in _FLOPS:
-            key = OpKey(func, _spec(args), tuple((k, _spec(v)) for k, v in sorted(kwargs.items())))
+            key = _op_key(func, args, kwargs)
             if key not in self.tally.flops_of:
                 self.tally.flops_of[key] = float(_FLOPS[packet](*args, **kwargs, out_val=out))
             self.tally.compute[key] += 1
@@ -227,12 +227,16 @@ def _large_key(func: Any, args: Any, kwargs: dict[str, Any], nbytes: int) -> OpK
     """The op's key when it is large enough to time and can be rerun alone (an aten op, hashable arguments)."""
     if nbytes < TIMED_BYTES or func.namespace != "aten":  # collectives and custom ops are not rerun
         return None
-    key = OpKey(func, _spec(args), tuple((k, _spec(v)) for k, v in sorted(kwargs.items())))
+    key = _op_key(func, args, kwargs)
     try:
         hash(key)
     except TypeError:
         return None
     return key
+
+
+def _op_key(func: Any, args: Any, kwargs: dict[str, Any]) -> OpKey:
+    return OpKey(func, _spec(args), tuple((k, _spec(v)) for k, v in sorted(kwargs.items())))
 
 
 def _is_view(func: Any) -> bool:

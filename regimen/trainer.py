@@ -178,17 +178,26 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def clip_ratio(norm: float, max_norm: float) -> float:
+    """`max_norm / (norm + 1e-6)`: torch's `clip_grad_norm_` multiplies by its minimum with 1.
+
+    >>> clip_ratio(3.0, 1.5)
+    0.4999998333333889
+    """
+    return max_norm / (norm + 1e-6)
+
+
 def clips(norm: float, max_norm: float) -> bool:
     """Whether gradient clipping at `max_norm` (0: off) changes gradients of global norm `norm`.
 
-    torch's `clip_grad_norm_` multiplies by `min(max_norm / (norm + 1e-6), 1)` in float32; under
-    the limit (with a margin for that float32 rounding) the factor is exactly 1 and the multiply
-    changes nothing, so the trainer skips it: the gradients are bitwise those torch would leave.
+    torch's `clip_grad_norm_` multiplies by `min(clip_ratio, 1)` in float32; under the limit
+    (with a margin for that float32 rounding) the factor is exactly 1 and the multiply changes
+    nothing, so the trainer skips it: the gradients are bitwise those torch would leave.
 
     >>> clips(0.5, 1.0), clips(2.0, 1.0), clips(2.0, 0.0)
     (False, True, False)
     """
-    return max_norm > 0 and max_norm / (norm + 1e-6) < 1.0 + 1e-5
+    return max_norm > 0 and clip_ratio(norm, max_norm) < 1.0 + 1e-5
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -441,7 +450,7 @@ class Trainer:
         if clips(norm_value, s.train.clip):
             torch.nn.utils.clip_grads_with_norm_(self.params, s.train.clip, norm, foreach=True)
             if self.consecutive is not None:
-                self.consecutive.scaled(min(s.train.clip / (norm_value + 1e-6), 1.0))  # what the multiply was
+                self.consecutive.scaled(min(clip_ratio(norm_value, s.train.clip), 1.0))  # what the multiply was
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"skipped": False, "loss": loss_value / B, "lr": lr, "batch_size": B, "grad_norm": norm_value, "data_wait": data_wait}
