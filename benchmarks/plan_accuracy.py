@@ -45,11 +45,11 @@ from typing import Any
 
 from benchmarks.common import Table, cli, threads
 from benchmarks.step_memory import GPTS, MiB, gpt, measure, planner, predict_peak, predict_step
+from regimen.registry import OPTIMIZERS as REGISTRY
 
 OPTIMIZERS = ("adamw", "muon", "adafactor", "lion", "schedulefree_adamw")
 LAYOUTS = (("none", 1), ("ddp", 2), ("fsdp", 2))
 CHECKPOINTING = ("none", "block")
-FSDP_UNSUPPORTED = ("adafactor",)
 MEMORY_GOAL, TIME_GOAL, CALIBRATED_GOAL, AUTO_GOAL = 0.10, 0.15, 0.05, 0.80
 
 
@@ -92,7 +92,7 @@ def matrix(quick: bool) -> list[tuple[str, str, str, int, str]]:
         for opt in optimizers
         for mode, n in LAYOUTS
         for ckpt in CHECKPOINTING
-        if not (mode == "fsdp" and opt in FSDP_UNSUPPORTED)
+        if not (mode == "fsdp" and not REGISTRY[opt].meta.get("fsdp", True))  # refused under FSDP2 (regimen.registry)
     ]
 
 

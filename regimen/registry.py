@@ -83,7 +83,8 @@ class Registry:
 # --------------------------------------------------------------------------------------------
 # Optimizers. meta: `keys`, the torch-named hyperparameters it takes (others are refused);
 # `family`, "sgd" (LR scales linearly with the batch) or "adaptive" (sqrt); `implied`, keyword
-# arguments the name implies; `fused` / `foreach`, torch's kernels for it; `hidden_only`, an
+# arguments the name implies; `fused` / `foreach`, torch's kernels for it (`fused_dtensor`: the
+# fused one also takes FSDP2's DTensor shards); `hidden_only`, an
 # optimizer for hidden weight matrices (AdamW takes the rest); `fsdp = False`, an optimizer that
 # reads whole-tensor norms on the host, which FSDP2's sharded DTensors do not support.
 # --------------------------------------------------------------------------------------------
@@ -129,13 +130,16 @@ OPTIMIZERS.add(
 OPTIMIZERS.add(
     "rmsprop", "torch.optim:RMSprop", "RMSprop", keys=frozenset({"alpha", "eps", "momentum", "centered"}), family=_ADAPTIVE, foreach=True
 )
-OPTIMIZERS.add("adam", "torch.optim:Adam", "Adam", keys=frozenset({"betas", "eps", "amsgrad"}), family=_ADAPTIVE, **_TORCH_KERNELS)
+OPTIMIZERS.add(
+    "adam", "torch.optim:Adam", "Adam", keys=frozenset({"betas", "eps", "amsgrad"}), family=_ADAPTIVE, fused_dtensor=True, **_TORCH_KERNELS
+)
 OPTIMIZERS.add(
     "adamw",
     "torch.optim:AdamW",
     "Adam with decoupled weight decay",
     keys=frozenset({"betas", "eps", "amsgrad"}),
     family=_ADAPTIVE,
+    fused_dtensor=True,
     **_TORCH_KERNELS,
 )
 OPTIMIZERS.add(
@@ -154,6 +158,7 @@ OPTIMIZERS.add(
     keys=frozenset({"beta2_decay", "eps", "d"}),
     family=_ADAPTIVE,
     foreach=True,
+    fsdp=False,  # torch's Adafactor squares a row norm in place, which DTensor refuses (tests/test_optim_fsdp.py)
 )
 OPTIMIZERS.add(
     "muon",
@@ -178,6 +183,7 @@ OPTIMIZERS.add(
     "LARS (layer-wise trust ratio on momentum SGD)",
     keys=frozenset({"momentum", "nesterov", "trust_coefficient", "eps"}),
     family=_SGD,
+    fsdp=False,
 )
 OPTIMIZERS.add(
     "schedulefree_adamw",

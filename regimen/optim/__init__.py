@@ -45,14 +45,19 @@ def _implementation(name: str, choice: str, params: Sequence[torch.Tensor]) -> d
     """
     meta = OPTIMIZERS[name].meta
     on_cuda = all(p.device.type == "cuda" for p in params)
-    fused_ok = meta.get("fused", False) and all(p.device.type in ("cpu", "cuda") for p in params)
+    # Of torch's fused kernels only Adam's take FSDP2's DTensor shards (SGD's and Adagrad's have
+    # no sharding rule): other sharded models get foreach, which DTensor runs op by op.
+    plain = all(type(p) in (torch.Tensor, nn.Parameter) for p in params)
+    fused_ok = meta.get("fused", False) and (plain or meta.get("fused_dtensor", False))
+    fused_ok = fused_ok and all(p.device.type in ("cpu", "cuda") for p in params)
     if choice == "loop":
         return {"foreach": False} if meta.get("foreach") else {}
     if choice in ("auto", "fused") and fused_ok:
         return {"fused": True}
     if choice == "fused":
-        warnings.warn(f"optimizer.implementation = 'fused': torch has no fused {name}; using foreach", stacklevel=3)
-    if (choice == "foreach" or choice == "fused" or on_cuda) and meta.get("foreach"):
+        where = "" if plain else " for FSDP2's sharded parameters"
+        warnings.warn(f"optimizer.implementation = 'fused': torch has no fused {name}{where}; using foreach", stacklevel=3)
+    if (choice == "foreach" or choice == "fused" or on_cuda or not plain) and meta.get("foreach"):
         return {"foreach": True}
     return {}
 

@@ -51,7 +51,8 @@ class Scratch:
     A fresh full-size temporary per large tensor costs page faults on CPU (the allocator hands
     large blocks back to the OS when they are freed), so each is a view of one flat buffer per
     dtype, as large as the largest tensor. Other runs get None and their foreach ops allocate:
-    off CPU the caching allocator makes that cheap, and small tensors come from the heap.
+    off CPU the caching allocator makes that cheap, and small tensors come from the heap. So do
+    tensor subclasses (FSDP2's DTensor shards): a plain buffer cannot stand in for them.
     """
 
     def __init__(self) -> None:
@@ -62,6 +63,10 @@ class Scratch:
         """[a temporary shaped as the tensor] for a run of one large floating-point CPU tensor, else None."""
         t = run[0]
         if len(run) != 1 or t.numel() <= CPU_CHUNK_NUMEL or not on_cpu(t) or not t.is_floating_point():
+            return None
+        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+            # A DTensor (FSDP2's shard) reports its global shape, and torch's ops refuse to mix it
+            # with a plain tensor: its run takes foreach's own temporaries.
             return None
         view = self._views.get((t.dtype, t.shape))
         if view is None:
