@@ -83,3 +83,18 @@ def test_sharded_steps_equal_plain_steps(one_rank_group: None, name: str) -> Non
         full = got.full_tensor() if hasattr(got, "full_tensor") else got
         err = (full.detach() - want.detach()).abs().max().item() / scale
         assert err <= 1e-5, f"{name}: {pname} differs by {err:.2e} x the largest weight after {STEPS} steps"
+
+
+@pytest.mark.parametrize("name", [e.name for e in OPTIMIZERS.entries() if e.target.startswith("torch.")])
+def test_plans_fake_tensors_get_the_plain_tensors_implementation(name: str) -> None:
+    """`regimen plan` traces the step on fake tensors: they must take the kernels real ones take
+    (only DTensors are steered away from the fused kernels), or the plan prices another step."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from regimen.optim import _implementation
+
+    plain = [nn.Parameter(torch.zeros(4))]
+    with FakeTensorMode() as mode:
+        fake = [nn.Parameter(mode.from_tensor(torch.zeros(4)))]
+    for choice in ("auto", "foreach", "loop"):
+        assert _implementation(name, choice, fake) == _implementation(name, choice, plain)

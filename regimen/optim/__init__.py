@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from regimen.optim.closure import evaluate_closure
+from regimen.optim.cpu import is_dtensor
 from regimen.optim.groups import decay_groups, muon_split, split_decay
 from regimen.registry import OPTIMIZERS
 from regimen.strategy import OptimizerConfig
@@ -47,7 +48,7 @@ def _implementation(name: str, choice: str, params: Sequence[torch.Tensor]) -> d
     on_cuda = all(p.device.type == "cuda" for p in params)
     # Of torch's fused kernels only Adam's take FSDP2's DTensor shards (SGD's and Adagrad's have
     # no sharding rule): other sharded models get foreach, which DTensor runs op by op.
-    plain = all(type(p) in (torch.Tensor, nn.Parameter) for p in params)
+    plain = not any(is_dtensor(p) for p in params)  # (a fake tensor of `regimen plan`'s trace is plain)
     fused_ok = meta.get("fused", False) and (plain or meta.get("fused_dtensor", False))
     fused_ok = fused_ok and all(p.device.type in ("cpu", "cuda") for p in params)
     if choice == "loop":

@@ -31,6 +31,15 @@ def on_cpu(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor (FSDP2's parameters and their gradients and state)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def cpu_chunks(tensors: Sequence[torch.Tensor]) -> list[slice]:
     """The runs of a per-(device, dtype) bucket a step updates together: the whole bucket off CPU."""
     if not tensors or not on_cpu(tensors[0]):
@@ -52,7 +61,7 @@ class Scratch:
     large blocks back to the OS when they are freed), so each is a view of one flat buffer per
     dtype, as large as the largest tensor. Other runs get None and their foreach ops allocate:
     off CPU the caching allocator makes that cheap, and small tensors come from the heap. So do
-    tensor subclasses (FSDP2's DTensor shards): a plain buffer cannot stand in for them.
+    FSDP2's DTensor shards: a plain buffer cannot stand in for them.
     """
 
     def __init__(self) -> None:
@@ -64,9 +73,9 @@ class Scratch:
         t = run[0]
         if len(run) != 1 or t.numel() <= CPU_CHUNK_NUMEL or not on_cpu(t) or not t.is_floating_point():
             return None
-        if type(t) not in (torch.Tensor, torch.nn.Parameter):
-            # A DTensor (FSDP2's shard) reports its global shape, and torch's ops refuse to mix it
-            # with a plain tensor: its run takes foreach's own temporaries.
+        if is_dtensor(t):
+            # FSDP2's shard reports its global shape, and torch's ops refuse to mix it with a
+            # plain tensor: its run takes foreach's own temporaries.
             return None
         view = self._views.get((t.dtype, t.shape))
         if view is None:
