@@ -193,6 +193,22 @@ def memory_available(device: Any) -> int:
 # ---- this machine's speed ------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Collective:
+    """Seconds of one collective: a fixed latency plus its tensor's bytes at a bandwidth (fitted to two timed sizes).
+
+    Example:
+        >>> Collective(latency_s=1e-4, bytes_per_s=1e9).seconds(2e6)
+        0.0021
+    """
+
+    latency_s: float
+    bytes_per_s: float
+
+    def seconds(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / self.bytes_per_s
+
+
 @dataclass
 class Speed:
     """Seconds per op: measured here (`measure`) or predicted from a datasheet (`from_datasheet`)."""
@@ -205,6 +221,9 @@ class Speed:
     measured: bool
     op_seconds: dict[Any, float] = field(default_factory=dict)  # OpKey -> seconds, timed here
     module_call_s: float = 0.0  # host time of calling an nn.Module (its hooks machinery)
+    # all_reduce / all_gather / reduce_scatter among the ranks, timed here (`measure_collectives`);
+    # empty: a collective moves its bytes at `link` with no latency
+    collectives: dict[str, Collective] = field(default_factory=dict)
 
     def compute_seconds(self, key: Any, flops: float) -> float:
         """The time of one compute op: its own timing, else its FLOPs at the fallback throughput."""
@@ -405,3 +424,90 @@ def loopback_bandwidth(nbytes: int = 64 * 2**20) -> float:
     sender.join()
     server.close()
     return received / max(seconds, 1e-9)
+
+
+# The two tensor sizes each collective is timed at: a layer's share and a block's.
+COLLECTIVE_BYTES = (256 * 2**10, 8 * 2**20)
+
+
+def measure_collectives(n: int, threads: int = 1, sizes: Sequence[int] = COLLECTIVE_BYTES, repeats: int = 5) -> dict[str, Collective]:
+    """gloo's all_reduce, all_gather and reduce_scatter among `n` ranks on this host, as `Collective`s.
+
+    The ranks are `n` threads of this process, each with its own gloo process group over an
+    in-memory store: the same loopback transport, the same reduction arithmetic and the same
+    cost per call as `n` processes, without starting any (gloo's work runs outside the GIL).
+    The size of a collective is its whole tensor: the all-reduced one, the gathered output,
+    the reduce-scattered input. The slowest rank's median is what a step waits for.
+    """
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    assert n >= 2 and len(sizes) == 2 and sizes[0] < sizes[1]
+    store = dist.PrefixStore("regimen-plan-collectives", dist.HashStore())
+    groups: list[Any] = [None] * n
+
+    def connect(rank: int) -> None:
+        groups[rank] = dist.ProcessGroupGloo(store, rank, n, datetime.timedelta(seconds=60))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        _on_each_rank(n, connect)
+        result: dict[str, Collective] = {}
+        for kind in ("all_reduce", "all_gather", "reduce_scatter"):
+            t0, t1 = (_time_collective(groups, kind, nbytes, repeats) for nbytes in sizes)
+            bytes_per_s = (sizes[1] - sizes[0]) / max(t1 - t0, 1e-9)
+            result[kind] = Collective(latency_s=max(t0 - sizes[0] / bytes_per_s, 0.0), bytes_per_s=bytes_per_s)
+        return result
+    finally:
+        torch.set_num_threads(before)
+
+
+def _time_collective(groups: list[Any], kind: str, nbytes: int, repeats: int) -> float:
+    """The slowest rank's median seconds of one `kind` collective of `nbytes` (see `measure_collectives`)."""
+    import torch
+
+    n = len(groups)
+    medians = [0.0] * n
+
+    def time_rank(rank: int) -> None:
+        numel = nbytes // 4 // n * n  # divisible into n equal shards
+        whole, shard = torch.ones(numel), torch.empty(numel // n)
+        pg = groups[rank]
+        call = {
+            "all_reduce": lambda: pg.allreduce([whole]),
+            "all_gather": lambda: pg._allgather_base(whole, shard),
+            "reduce_scatter": lambda: pg._reduce_scatter_base(shard, whole),
+        }[kind]
+        times = []
+        for _ in range(repeats + 1):  # the first call sets up gloo's buffers
+            t0 = time.perf_counter()
+            call().wait()
+            times.append(time.perf_counter() - t0)
+        medians[rank] = statistics.median(times[1:])
+
+    _on_each_rank(n, time_rank)
+    return max(medians)
+
+
+def _on_each_rank(n: int, fn: Callable[[int], None], timeout_s: float = 120.0) -> None:
+    """`fn(rank)` on `n` threads at once (the ranks of `measure_collectives`); the first error raised here."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        try:
+            fn(rank)
+        except BaseException as e:  # re-raised on the caller's thread
+            errors.append(e)
+
+    workers = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(n)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=timeout_s)
+    if errors or any(w.is_alive() for w in workers):
+        raise RuntimeError(f"timing gloo's collectives among {n} threads failed: {errors[0] if errors else 'timed out'}")

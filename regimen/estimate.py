@@ -29,9 +29,11 @@ The model of time (per step): each traced op costs its dispatch overhead plus, f
 attention, its own time measured on this machine at its shapes (or its FLOPs at a datasheet's
 peak for an accelerator that is not here); every other op moving at least 1 MiB its own time
 measured the same way where it can be rerun alone, else (and for the smaller ones) the bytes it
-moves at the measured memory bandwidth; plus the step's communication at the link's bandwidth (DDP: an
-all-reduce of the gradients; FSDP: two all-gathers of the parameters and a reduce-scatter of the
-gradients), counted without overlap.
+moves at the measured memory bandwidth; plus the step's communication, counted without overlap:
+DDP all-reduces the gradients bucket by bucket; FSDP2 all-gathers each block's parameters for
+its forward and again for its backward and reduce-scatters its gradients. Between CPU processes
+of this host each collective is timed here (gloo, latency + bandwidth: `ddp_communication`,
+`fsdp_communication`); for an accelerator the bytes move at the link's datasheet bandwidth.
 
 Example:
     >>> fits(Footprint(params=1, grads=1, optimizer=2, activations=4, buffers=0, runtime=0), memory=8)
@@ -121,6 +123,9 @@ class ParamState:
     grad_element_size: int
     states: tuple[tuple[tuple[int, ...], int], ...]  # (shape, bytes) of each state tensor
     unit: int  # index of its block in `model.blocks`, or -1 for the root
+    # Its update needs the whole matrix (Muon's Newton-Schulz): under FSDP2 every rank gathers it
+    # and repeats the update (`regimen.optim.muon`).
+    whole_update: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -184,13 +189,17 @@ def count_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> StateCoun
     if isinstance(blocks, nn.ModuleList):
         for i, block in enumerate(blocks):
             unit_of.update({id(p): i for p in block.parameters()})
+    from regimen.optim.muon import Muon
+
+    inner = getattr(optimizer, "optimizers", [optimizer])  # regimen's CombinedOptimizer (Muon + AdamW)
+    whole = {id(p) for o in inner if isinstance(o, Muon) for g in o.param_groups for p in g["params"]}
     state = optimizer.state
     out = []
     for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
         tensors = [v for v in state.get(p, {}).values() if isinstance(v, torch.Tensor)]
         states = tuple((tuple(v.shape), v.untyped_storage().nbytes()) for v in tensors)
         grad_size = p.grad.element_size() if p.grad is not None else p.element_size()
-        out.append(ParamState(tuple(p.shape), p.element_size(), grad_size, states, unit_of.get(id(p), -1)))
+        out.append(ParamState(tuple(p.shape), p.element_size(), grad_size, states, unit_of.get(id(p), -1), id(p) in whole))
     return StateCount(out)
 
 
@@ -413,16 +422,75 @@ def step_time(
     st = trace.state
     comm = 0.0
     if layout.mode == "fsdp":
-        update = update / n  # each rank updates its shards
-        compute_bytes = st.unit_bytes(2 if fsdp_bf16 else None)
-        full_params = compute_bytes[0] + sum(math.prod(p.shape) * (2 if fsdp_bf16 else p.element_size) for p in st.params if p.unit >= 0)
-        comm = (n - 1) / n * (2 * full_params + st.grad_bytes) / speed.link
+        # Each rank updates its shards, except where the update needs whole matrices (Muon's
+        # Newton-Schulz dominates its step): there every rank repeats all of it.
+        update = update if any(p.whole_update for p in st.params) else update / n
+        comm = fsdp_communication(st, n, k, speed, fsdp_bf16)
         if layout.offload and not host_is_device:
             params, grads, _ = st.sharded(n)
             comm += (2 * params + grads) / speed.host_link
     elif layout.mode == "ddp":
-        comm = 2 * (n - 1) / n * st.grad_bytes / speed.link
+        comm = ddp_communication(st.grad_bytes, n, speed)
     return StepTime((micro_time + update) * scale, comm)
+
+
+# DDP's gradient buckets: the first holds about 1 MiB (so the all-reduce starts early), the rest
+# 25 MiB each (torch's `_DEFAULT_FIRST_BUCKET_BYTES` and `bucket_cap_mb`).
+DDP_FIRST_BUCKET = 2**20
+DDP_BUCKET = 25 * 2**20
+
+
+def ddp_buckets(grad_bytes: int) -> list[int]:
+    """The sizes of DDP's all-reduces for `grad_bytes` of gradients.
+
+    >>> ddp_buckets(60 * 2**20) == [2**20, 25 * 2**20, 25 * 2**20, 9 * 2**20]
+    True
+    """
+    sizes = [min(grad_bytes, DDP_FIRST_BUCKET)]
+    rest = grad_bytes - sizes[0]
+    while rest > 0:
+        sizes.append(min(rest, DDP_BUCKET))
+        rest -= sizes[-1]
+    return [b for b in sizes if b > 0]
+
+
+def ddp_communication(grad_bytes: int, n: int, speed: Speed) -> float:
+    """Seconds of DDP's all-reduces of a step: each bucket timed (`Speed.collectives`), else a ring at the link's bandwidth."""
+    timed = speed.collectives.get("all_reduce")
+    if timed is None:
+        return 2 * (n - 1) / n * grad_bytes / speed.link
+    return sum(timed.seconds(b) for b in ddp_buckets(grad_bytes))
+
+
+def fsdp_communication(st: StateCount, n: int, micro_batches: int, speed: Speed, fsdp_bf16: bool) -> float:
+    """Seconds of FSDP2's collectives of a step.
+
+    Each block's parameters are all-gathered for its forward and again for its backward (they
+    are resharded in between), in every micro-batch; the root's once per micro-batch (it stays
+    gathered until its backward). Each unit's gradients are reduce-scattered once, after the
+    last micro-batch. A whole-matrix update (Muon) all-gathers each such matrix once more.
+    Timed collectives (`Speed.collectives`) pay their latency per call; otherwise the bytes
+    move at the link's bandwidth.
+    """
+    element = 2 if fsdp_bf16 else None
+    gathered: dict[int, int] = {}
+    reduced: dict[int, int] = {}
+    for p in st.params:
+        numel = math.prod(p.shape)
+        gathered[p.unit] = gathered.get(p.unit, 0) + numel * (element or p.element_size)
+        reduced[p.unit] = reduced.get(p.unit, 0) + numel * (4 if fsdp_bf16 else p.grad_element_size)  # bf16: reduced in float32
+    gathers = {u: micro_batches * (1 if u < 0 else 2) for u in gathered}
+    # A whole-matrix update gathers its momentum (shaped and typed as the parameter) once per step.
+    whole = [p.nbytes for p in st.params if p.whole_update]
+    all_gather, reduce_scatter = speed.collectives.get("all_gather"), speed.collectives.get("reduce_scatter")
+    if all_gather is None or reduce_scatter is None:
+        moved = sum(gathers[u] * b for u, b in gathered.items()) + sum(reduced.values()) + sum(whole)
+        return (n - 1) / n * moved / speed.link
+    return (
+        sum(gathers[u] * all_gather.seconds(b) for u, b in gathered.items())
+        + sum(all_gather.seconds(b) for b in whole)
+        + sum(reduce_scatter.seconds(b) for b in reduced.values())
+    )
 
 
 # ---- batch sizes -------------------------------------------------------------------------

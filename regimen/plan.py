@@ -40,14 +40,14 @@ from regimen import devices, estimate
 from regimen.devices import Accelerator
 from regimen.errors import UserError
 from regimen.micro import GiB, allocator_fraction, resident_bytes
+from regimen.registry import OPTIMIZERS
 from regimen.strategy import Strategy
 
 # What an accelerator holds outside torch's allocator: the CUDA context and library
 # workspaces (cuBLAS, cuDNN). A prediction; `--calibrate` on the device measures it.
 CUDA_CONTEXT_BYTES = 0.5 * GiB
-# Optimizers whose step reads norms on the host (`.item()`, `.tolist()`), which DTensor (FSDP2)
-# does not support yet: they run with ddp only.
-FSDP_UNSUPPORTED = frozenset({"adafactor", "lamb", "lars"})
+# Optimizers FSDP2's DTensor shards cannot step (the registry's `fsdp = False`): ddp only.
+FSDP_UNSUPPORTED = frozenset(e.name for e in OPTIMIZERS.entries() if not e.meta.get("fsdp", True))
 
 
 @dataclass
@@ -314,6 +314,9 @@ class Planner:
             threads = max(1, torch.get_num_threads() // t.devices) if t.host_is_device else torch.get_num_threads()
             link = devices.loopback_bandwidth() if t.host_is_device else 0.0
             speed = devices.measure(t.torch_device, threads, list(keys.items()), link, max_bytes=64 * 2**20, other_ops=list(large.items()))
+            if t.host_is_device and t.devices > 1 and torch.distributed.is_available() and torch.distributed.is_gloo_available():
+                # CPU processes of this host talk through gloo: its collectives are timed, latency included.
+                speed.collectives = devices.measure_collectives(t.devices, threads)
             if not t.host_is_device:
                 speed.link = speed.host_link = 25e9  # a GPU's link cannot be measured alone: PCIe 4.0 stands in
             return speed
@@ -329,6 +332,14 @@ class Planner:
                 f"({len(speed.op_seconds)} timed), smaller ops at {speed.bandwidth / 1e9:.1f} GB/s plus "
                 f"{speed.overhead_s * 1e6:.1f} us each"
             )
+            if speed.collectives:
+                how += (
+                    "; communication: gloo's "
+                    + ", ".join(
+                        f"{kind} {c.latency_s * 1e3:.2f} ms + {c.bytes_per_s / 1e9:.2f} GB/s" for kind, c in speed.collectives.items()
+                    )
+                    + f" among {t.devices} ranks, timed here"
+                )
         else:
             how = (
                 f"step time: predicted from the datasheet ({devices.MATMUL_EFFICIENCY:.0%} of peak FLOP/s for matmuls, "
@@ -347,7 +358,7 @@ class Planner:
             notes.append("CPU offload on a CPU device keeps everything where it already is: same memory, same time")
         if self.n > 1 and self.strategy.optimizer.name in FSDP_UNSUPPORTED:
             notes.append(
-                f"fsdp is not offered: {self.strategy.optimizer.name} reads norms on the host, which FSDP2's DTensor does not support yet"
+                f"fsdp is not offered: {self.strategy.optimizer.name} cannot step FSDP2's DTensor shards (it reads norms on the host)"
             )
         return notes
 

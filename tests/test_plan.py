@@ -276,3 +276,58 @@ def test_speed_times_every_alternatives_ops_whoever_asks_first(corpus: Path) -> 
     for trace in p.traces.values():
         for phase in [*trace.first.values(), *trace.later.values(), trace.update]:
             assert set(phase.tally.flops_of) <= set(speed.op_seconds)
+
+
+def test_communication_pays_each_collectives_latency() -> None:
+    """With timed collectives a step pays one latency per call: DDP per bucket; FSDP2 per unit,
+    blocks gathered for the forward and again for the backward in every micro-batch, the root
+    once per micro-batch, every unit's gradients reduce-scattered once."""
+    latency = devices.Collective
+    free = 1e30  # bytes/s: only the latencies count
+    speed = devices.Speed(0.0, 1e9, 1e9, 1e9, 1e9, True)
+    speed.collectives = {
+        "all_reduce": latency(1.0, free),
+        "all_gather": latency(10.0, free),
+        "reduce_scatter": latency(100.0, free),
+    }
+    blocks, k = 3, 2
+    params = [estimate.ParamState((64, 64), 4, 4, (), unit=u) for u in range(blocks) for _ in range(2)]
+    params.append(estimate.ParamState((100, 64), 4, 4, (), unit=-1))
+    st = estimate.StateCount(params)
+    assert estimate.fsdp_communication(st, 2, k, speed, fsdp_bf16=False) == pytest.approx(
+        10.0 * k * (2 * blocks + 1) + 100.0 * (blocks + 1)
+    )
+    # Muon's matrices are gathered whole once more per step, for Newton-Schulz.
+    muon = estimate.StateCount([replace(p, whole_update=p.unit >= 0) for p in params])
+    assert estimate.fsdp_communication(muon, 2, k, speed, fsdp_bf16=False) == pytest.approx(
+        10.0 * (k * (2 * blocks + 1) + 2 * blocks) + 100.0 * (blocks + 1)
+    )
+    grad_bytes = 60 * 2**20  # buckets of 1, 25, 25 and 9 MiB
+    assert estimate.ddp_communication(grad_bytes, 2, speed) == pytest.approx(4 * 1.0)
+    # Untimed (an accelerator that is not here): the bytes at the link's bandwidth, no latency.
+    speed.collectives = {}
+    assert estimate.ddp_communication(grad_bytes, 2, speed) == pytest.approx(grad_bytes / 1e9)
+    gathered = (2 * blocks * 2 * 64 * 64 * 4 + 100 * 64 * 4) * k
+    assert estimate.fsdp_communication(st, 2, k, speed, fsdp_bf16=False) == pytest.approx((gathered + st.grad_bytes) / 2 / 1e9)
+
+
+def test_collectives_are_timed_among_threads_of_this_process() -> None:
+    timed = devices.measure_collectives(2, repeats=2)
+    assert sorted(timed) == ["all_gather", "all_reduce", "reduce_scatter"]
+    for c in timed.values():
+        assert c.latency_s >= 0.0 and 0.0 < c.bytes_per_s < math.inf
+
+
+def test_muons_matrices_are_counted_as_whole_matrix_updates(corpus: Path) -> None:
+    from regimen.optim.muon import Muon
+
+    s = _strategy(corpus, "optimizer.name=muon")
+    task = build_task(s)
+    optimizer = build_optimizer(task.model, s.optimizer)
+    inner = next(o for o in optimizer.optimizers if isinstance(o, Muon))  # type: ignore[attr-defined]
+    hidden = {tuple(p.shape) for g in inner.param_groups for p in g["params"]}
+    st = estimate.count_state(task.model, optimizer)
+    assert {p.shape for p in st.params if p.whole_update} == hidden
+    assert any(not p.whole_update for p in st.params)  # embeddings, norms: AdamW
+    adamw = build_optimizer(task.model, _strategy(corpus).optimizer)
+    assert not any(p.whole_update for p in estimate.count_state(task.model, adamw).params)
