@@ -208,8 +208,8 @@ def time_table(quick: bool) -> Table:
             "Measured: the median step after the first, freed memory kept as `Trainer.fit` keeps it (no page faults once warm); "
             "2 processes share the cores (each gets half the threads).",
             "Predicted: each matmul, attention and other op moving over 1 MiB timed here at its shapes, smaller ops at the measured "
-            "memory bandwidth, plus a per-op cost measured on a tiny training step, communication at the loopback TCP bandwidth "
-            "without overlap.",
+            "memory bandwidth, plus a per-op cost measured on a tiny training step, plus communication without overlap: gloo's "
+            "all-reduce, all-gather and reduce-scatter timed here (latency + bandwidth) for each DDP bucket and FSDP2 unit.",
             "After --calibrate: scaled by measured / predicted of the same model's 1-process row without checkpointing "
             "(blank: that row itself).",
             f"Worst error {worst:.1%} (goal <= {TIME_GOAL:.0%}: {'met' if worst <= TIME_GOAL else '**not met**'}); after "
@@ -261,7 +261,64 @@ def auto_table(quick: bool) -> Table:
     )
 
 
-PARTS = {"memory": memory_table, "time": time_table, "auto": auto_table}
+def decompose_table(quick: bool) -> Table:
+    """A 2-process step taken apart: a rank alone, two ranks at once without talking, DDP, FSDP2; with the plan's parts."""
+    import torch
+
+    rows: list[list[Any]] = []
+    steps = 3 if quick else 6
+    for size in ("1M", "10M"):
+
+        def args(mode: str, batch: int, size: str = size) -> list[str]:
+            return [a for a in overrides(size, "adamw", mode, "none") if not a.startswith("batch.size")] + [f"batch.size={batch}"]
+
+        alone = measure(args("none", 4), 1, steps=steps, isolate=False, threads=1)["step_s"]
+        together = _at_once(args("none", 4), 2, steps)
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)  # a rank's share of the cores, as `alone` ran
+        p = planner(args("none", 4), 1)
+        alone_predicted = p.row(p.given_layout(), p.speed(), 1.0, 4.0).step
+        torch.set_num_threads(before)
+        rows.append([f"{size} one process, batch 4, 1 thread", alone * 1e3, alone_predicted.compute * 1e3, 0.0])
+        rows.append([f"{size} two such processes at once", max(together) * 1e3, None, None])
+        for mode in ("ddp", "fsdp"):
+            measured = measure(args(mode, 8), 2, steps=steps, isolate=False, threads=1)["step_s"]
+            p = planner(args(mode, 8), 2)
+            step = p.row(p.given_layout(), p.speed(), 1.0, 8.0).step
+            rows.append([f"{size} {mode} x2, batch 8", measured * 1e3, step.compute * 1e3, step.communication * 1e3])
+    return Table(
+        title="A 2-process step taken apart (CPU, AdamW)",
+        columns=["run", "measured ms", "predicted compute ms", "predicted communication ms"],
+        rows=rows,
+        command="python -m benchmarks.plan_accuracy --part decompose" + (" --quick" if quick else ""),
+        fmt={"measured ms": ".1f", "predicted compute ms": ".1f", "predicted communication ms": ".1f"},
+        notes=[
+            "Each measured figure is the median step after the first (the slowest rank), freed memory kept; 1 thread per process.",
+            "One process with a rank's batch and thread is what the plan predicts a rank's compute from; two of them at once "
+            "show what the processes cost each other without communicating; DDP and FSDP2 beyond that are communication "
+            "and the wrappers' own work.",
+        ],
+    )
+
+
+def _at_once(args: list[str], n: int, steps: int) -> list[float]:
+    """Step seconds of `n` independent one-thread processes of `args` started together."""
+    import threading
+
+    seconds = [0.0] * n
+
+    def one(i: int) -> None:
+        seconds[i] = measure(args, 1, steps=steps, isolate=False, threads=1)["step_s"]
+
+    runs = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    return seconds
+
+
+PARTS = {"memory": memory_table, "time": time_table, "auto": auto_table, "decompose": decompose_table}
 
 
 def run(quick: bool) -> list[Table]:
