@@ -172,6 +172,7 @@ class Planner:
         self.time_scale = 1.0
         self.calibrated: dict[str, Any] = {}
         self._speed: devices.Speed | None = None
+        self._untimed_collectives = ""  # why gloo's collectives could not be timed here, if they could not
 
     def make_model(self, mode: Any) -> nn.Module:
         """The strategy's model built directly as fake tensors (no memory, whatever its size)."""
@@ -315,8 +316,12 @@ class Planner:
             link = devices.loopback_bandwidth() if t.host_is_device else 0.0
             speed = devices.measure(t.torch_device, threads, list(keys.items()), link, max_bytes=64 * 2**20, other_ops=list(large.items()))
             if t.host_is_device and t.devices > 1 and torch.distributed.is_available() and torch.distributed.is_gloo_available():
-                # CPU processes of this host talk through gloo: its collectives are timed, latency included.
-                speed.collectives = devices.measure_collectives(t.devices, threads)
+                # CPU processes of this host talk through gloo: its collectives are timed, latency included
+                # (where loopback connections fail, the bytes keep the link's bandwidth, and the notes say so).
+                try:
+                    speed.collectives = devices.measure_collectives(t.devices, threads)
+                except RuntimeError as e:
+                    self._untimed_collectives = str(e)
             if not t.host_is_device:
                 speed.link = speed.host_link = 25e9  # a GPU's link cannot be measured alone: PCIe 4.0 stands in
             return speed
@@ -332,6 +337,8 @@ class Planner:
                 f"({len(speed.op_seconds)} timed), smaller ops at {speed.bandwidth / 1e9:.1f} GB/s plus "
                 f"{speed.overhead_s * 1e6:.1f} us each"
             )
+            if self._untimed_collectives:
+                how += f"; communication at {speed.link / 1e9:.2f} GB/s loopback ({self._untimed_collectives})"
             if speed.collectives:
                 how += (
                     "; communication: gloo's "

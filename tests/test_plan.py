@@ -331,3 +331,20 @@ def test_muons_matrices_are_counted_as_whole_matrix_updates(corpus: Path) -> Non
     assert any(not p.whole_update for p in st.params)  # embeddings, norms: AdamW
     adamw = build_optimizer(task.model, _strategy(corpus).optimizer)
     assert not any(p.whole_update for p in estimate.count_state(task.model, adamw).params)
+
+
+def test_two_cpu_processes_time_gloo_or_say_why_not(corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = Planner(_strategy(corpus), resolve_target("cpu", 2, 1024.0))
+    speed = p.speed()
+    assert sorted(speed.collectives) == ["all_gather", "all_reduce", "reduce_scatter"]
+    assert any("gloo's all_reduce" in note for note in p.notes(speed))
+
+    def refused(*_: object, **__: object) -> None:
+        raise RuntimeError("connection refused")
+
+    monkeypatch.setattr(devices, "measure_collectives", refused)
+    p = Planner(_strategy(corpus), resolve_target("cpu", 2, 1024.0))
+    speed = p.speed()
+    assert speed.collectives == {}
+    assert any("loopback (connection refused)" in note for note in p.notes(speed))
+    assert all(row.step.communication > 0 for row in p.plan().rows)
