@@ -426,11 +426,12 @@ def loopback_bandwidth(nbytes: int = 64 * 2**20) -> float:
     return received / max(seconds, 1e-9)
 
 
-# The two tensor sizes each collective is timed at: a layer's share and a block's.
-COLLECTIVE_BYTES = (256 * 2**10, 8 * 2**20)
+# The tensor sizes each collective is timed at, from a layer's share to a block's; a line is
+# fitted through all of them (two sizes alone made the latency swing by 10x between runs).
+COLLECTIVE_BYTES = (64 * 2**10, 512 * 2**10, 2 * 2**20, 8 * 2**20)
 
 
-def measure_collectives(n: int, threads: int = 1, sizes: Sequence[int] = COLLECTIVE_BYTES, repeats: int = 5) -> dict[str, Collective]:
+def measure_collectives(n: int, threads: int = 1, sizes: Sequence[int] = COLLECTIVE_BYTES, repeats: int = 9) -> dict[str, Collective]:
     """gloo's all_reduce, all_gather and reduce_scatter among `n` ranks on this host, as `Collective`s.
 
     The ranks are `n` threads of this process, each with its own gloo process group over an
@@ -444,7 +445,7 @@ def measure_collectives(n: int, threads: int = 1, sizes: Sequence[int] = COLLECT
     import torch
     import torch.distributed as dist
 
-    assert n >= 2 and len(sizes) == 2 and sizes[0] < sizes[1]
+    assert n >= 2 and len(sizes) >= 2
     store = dist.PrefixStore("regimen-plan-collectives", dist.HashStore())
     groups: list[Any] = [None] * n
 
@@ -457,12 +458,25 @@ def measure_collectives(n: int, threads: int = 1, sizes: Sequence[int] = COLLECT
         _on_each_rank(n, connect)
         result: dict[str, Collective] = {}
         for kind in ("all_reduce", "all_gather", "reduce_scatter"):
-            t0, t1 = (_time_collective(groups, kind, nbytes, repeats) for nbytes in sizes)
-            bytes_per_s = (sizes[1] - sizes[0]) / max(t1 - t0, 1e-9)
-            result[kind] = Collective(latency_s=max(t0 - sizes[0] / bytes_per_s, 0.0), bytes_per_s=bytes_per_s)
+            seconds = [_time_collective(groups, kind, nbytes, repeats) for nbytes in sizes]
+            result[kind] = _fit_line(sizes, seconds)
         return result
     finally:
         torch.set_num_threads(before)
+
+
+def _fit_line(sizes: Sequence[int], seconds: Sequence[float]) -> Collective:
+    """Least-squares latency + bytes / bandwidth through the timed points (latency at least 0).
+
+    >>> c = _fit_line([1e6, 2e6, 4e6], [0.002, 0.003, 0.005])
+    >>> round(c.latency_s, 6), round(c.bytes_per_s)
+    (0.001, 1000000000)
+    """
+    n = len(sizes)
+    mean_x, mean_y = sum(sizes) / n, sum(seconds) / n
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(sizes, seconds)) / sum((x - mean_x) ** 2 for x in sizes)
+    slope = max(slope, 1e-15)  # seconds per byte: never free, never negative
+    return Collective(latency_s=max(mean_y - slope * mean_x, 0.0), bytes_per_s=1.0 / slope)
 
 
 def _time_collective(groups: list[Any], kind: str, nbytes: int, repeats: int) -> float:
