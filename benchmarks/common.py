@@ -154,7 +154,10 @@ def run_worker(cmd: Sequence[str], timeout: float = 900.0, env: dict[str, str] |
     proc = subprocess.run(list(cmd), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+        output = (proc.stderr or proc.stdout).strip().splitlines()
+        # torchrun ends with its own summary of which rank died; the cause is further up.
+        causes = [ln for ln in output[:-15] if any(w in ln for w in ("Error", "error:", "terminate", "what()", "Abort", "Signal"))]
+        tail = [*causes[-10:], *(["..."] if causes else []), *output[-15:]]
         raise RuntimeError(f"worker {' '.join(cmd)} failed (exit {proc.returncode}):\n" + "\n".join(tail))
     return json.loads(lines[-1])
 
