@@ -431,7 +431,20 @@ def step_time(
             comm += (2 * params + grads) / speed.host_link
     elif layout.mode == "ddp":
         comm = ddp_communication(st.grad_bytes, n, speed)
+    comm += sync_communication(layout.mode, n, speed)
     return StepTime((micro_time + update) * scale, comm)
+
+
+def sync_communication(mode: str, n: int, speed: Speed) -> float:
+    """Seconds of a step's small all-reduces among `n` ranks (latency only; none untimed).
+
+    The step's one host sync is an all-reduce of its losses and gradient norm (a few floats);
+    under FSDP2 that norm is a sum over shards, all-reduced first.
+    """
+    timed = speed.collectives.get("all_reduce")
+    if n < 2 or timed is None:
+        return 0.0
+    return (2 if mode == "fsdp" else 1) * timed.seconds(64)
 
 
 # DDP's gradient buckets: the first holds about 1 MiB (so the all-reduce starts early), the rest

@@ -304,6 +304,9 @@ def test_communication_pays_each_collectives_latency() -> None:
     )
     grad_bytes = 60 * 2**20  # buckets of 1, 25, 25 and 9 MiB
     assert estimate.ddp_communication(grad_bytes, 2, speed) == pytest.approx(4 * 1.0)
+    # The step's host sync: one small all-reduce, and one more for FSDP2's sharded norm.
+    assert [estimate.sync_communication(m, 2, speed) for m in ("ddp", "fsdp")] == pytest.approx([1.0, 2.0])
+    assert estimate.sync_communication("none", 1, speed) == 0.0
     # Untimed (an accelerator that is not here): the bytes at the link's bandwidth, no latency.
     speed.collectives = {}
     assert estimate.ddp_communication(grad_bytes, 2, speed) == pytest.approx(grad_bytes / 1e9)
