@@ -78,11 +78,22 @@ def test_sharded_steps_equal_plain_steps(one_rank_group: None, name: str) -> Non
     # or native kernel, a DTensor takes foreach ops): float32 rounding of a few steps, relative
     # to the weights' scale. A wrong path (a temporary of the wrong shape, a skipped tensor)
     # moves weights by the LR, 1e-3, orders of magnitude above this.
+    # Lion steps by the sign of an interpolation: where rounding differs between the two paths
+    # (another CPU's kernels) and that interpolation is within an ulp of 0, an element may flip,
+    # moving by up to 2 lr a step. Such elements are rare (about 1e-7 of them per step); a wrong
+    # path moves most elements.
+    tol = 1e-5
     scale = max(p.abs().max().item() for p in plain.parameters())
     for (pname, want), got in zip(plain.named_parameters(), sharded.parameters(), strict=True):
         full = got.full_tensor() if hasattr(got, "full_tensor") else got
-        err = (full.detach() - want.detach()).abs().max().item() / scale
-        assert err <= 1e-5, f"{name}: {pname} differs by {err:.2e} x the largest weight after {STEPS} steps"
+        err = (full.detach() - want.detach()).abs() / scale
+        if name == "lion":
+            flipped = float((err > tol).float().mean())
+            assert flipped <= 1e-3, f"lion: {pname}: {flipped:.1%} of its elements differ after {STEPS} steps"
+            assert err.max().item() <= 2 * CONFIG["lr"] * STEPS / scale + tol, f"lion: {pname} differs by more than a sign flip"
+        else:
+            worst = err.max().item()
+            assert worst <= tol, f"{name}: {pname} differs by {worst:.2e} x the largest weight after {STEPS} steps"
 
 
 @pytest.mark.parametrize("name", [e.name for e in OPTIMIZERS.entries() if e.target.startswith("torch.")])
