@@ -263,7 +263,7 @@ def auto_table(quick: bool) -> Table:
 
 def decompose_table(quick: bool) -> Table:
     """A 2-process step taken apart: a rank alone, two ranks at once without talking, DDP, FSDP2; with the plan's parts."""
-    import torch
+    from regimen.devices import torch_threads
 
     rows: list[list[Any]] = []
     steps = 3 if quick else 6
@@ -274,11 +274,9 @@ def decompose_table(quick: bool) -> Table:
 
         alone = measure(args("none", 4), 1, steps=steps, isolate=False, threads=1)["step_s"]
         together = _at_once(args("none", 4), 2, steps)
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)  # a rank's share of the cores, as `alone` ran
-        p = planner(args("none", 4), 1)
-        alone_predicted = p.row(p.given_layout(), p.speed(), 1.0, 4.0).step
-        torch.set_num_threads(before)
+        with torch_threads(1):  # a rank's share of the cores, as `alone` ran
+            p = planner(args("none", 4), 1)
+            alone_predicted = p.row(p.given_layout(), p.speed(), 1.0, 4.0).step
         rows.append([f"{size} one process, batch 4, 1 thread", alone * 1e3, alone_predicted.compute * 1e3, 0.0])
         rows.append([f"{size} two such processes at once", max(together) * 1e3, None, None])
         for mode in ("ddp", "fsdp"):

@@ -38,7 +38,7 @@ import os
 import statistics
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -195,7 +195,7 @@ def memory_available(device: Any) -> int:
 
 @dataclass(frozen=True)
 class Collective:
-    """Seconds of one collective: a fixed latency plus its tensor's bytes at a bandwidth (fitted to two timed sizes).
+    """Seconds of one collective: a fixed latency plus its tensor's bytes at a bandwidth (a line fitted to timed sizes).
 
     Example:
         >>> Collective(latency_s=1e-4, bytes_per_s=1e9).seconds(2e6)
@@ -300,6 +300,19 @@ def dispatch_overhead() -> tuple[float, float]:
     return per_op, per_call
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` (at least 1) inside the block, restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def measure(
     device: Any,
     threads: int,
@@ -319,10 +332,8 @@ def measure(
     """
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    try:
+    with torch_threads(threads):
         overhead, module_call = dispatch_overhead()
         bandwidth = _bandwidth(device, sync)
         op_seconds = {key: _time_op(key, device, sync) for key, _ in compute_ops if _operand_bytes(key) <= max_bytes}
@@ -335,8 +346,6 @@ def measure(
         if best == 0.0:  # nothing small enough was traced: a square matmul stands for them all
             x = torch.randn(1024, 1024, device=device)
             best = 2 * 1024**3 / _median_seconds(lambda: x @ x, sync, 5)
-    finally:
-        torch.set_num_threads(before)
     return Speed(overhead, bandwidth, best, link, link, True, op_seconds, module_call)
 
 
@@ -442,7 +451,6 @@ def measure_collectives(n: int, threads: int = 1, sizes: Sequence[int] = COLLECT
     """
     import datetime
 
-    import torch
     import torch.distributed as dist
 
     assert n >= 2 and len(sizes) >= 2
@@ -452,17 +460,13 @@ def measure_collectives(n: int, threads: int = 1, sizes: Sequence[int] = COLLECT
     def connect(rank: int) -> None:
         groups[rank] = dist.ProcessGroupGloo(store, rank, n, datetime.timedelta(seconds=60))
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
+    with torch_threads(threads):
         _on_each_rank(n, connect)
         result: dict[str, Collective] = {}
         for kind in ("all_reduce", "all_gather", "reduce_scatter"):
             seconds = [_time_collective(groups, kind, nbytes, repeats) for nbytes in sizes]
             result[kind] = _fit_line(sizes, seconds)
         return result
-    finally:
-        torch.set_num_threads(before)
 
 
 def _fit_line(sizes: Sequence[int], seconds: Sequence[float]) -> Collective:

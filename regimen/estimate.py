@@ -172,12 +172,16 @@ class StateCount:
         optim = sum(first_chunk(b, s, n) if s == p.shape else b for p in self.params for s, b in p.states)
         return params, grads, optim
 
-    def unit_bytes(self, element_size: int | None = None) -> tuple[int, int]:
-        """(root's unsharded bytes, the largest block's), at `element_size` if given (FSDP's compute dtype)."""
+    def per_unit(self, element_size: Callable[[ParamState], int]) -> dict[int, int]:
+        """Unsharded bytes of each FSDP2 unit (-1: the root), each parameter at `element_size(p)` bytes an element."""
         units: dict[int, int] = {}
         for p in self.params:
-            size = element_size or p.element_size
-            units[p.unit] = units.get(p.unit, 0) + math.prod(p.shape) * size
+            units[p.unit] = units.get(p.unit, 0) + math.prod(p.shape) * element_size(p)
+        return units
+
+    def unit_bytes(self, element_size: int | None = None) -> tuple[int, int]:
+        """(root's unsharded bytes, the largest block's), at `element_size` if given (FSDP's compute dtype)."""
+        units = self.per_unit(lambda p: element_size or p.element_size)
         root = units.pop(-1, 0)
         return root, max(units.values(), default=0)
 
@@ -485,13 +489,8 @@ def fsdp_communication(st: StateCount, n: int, micro_batches: int, speed: Speed,
     Timed collectives (`Speed.collectives`) pay their latency per call; otherwise the bytes
     move at the link's bandwidth.
     """
-    element = 2 if fsdp_bf16 else None
-    gathered: dict[int, int] = {}
-    reduced: dict[int, int] = {}
-    for p in st.params:
-        numel = math.prod(p.shape)
-        gathered[p.unit] = gathered.get(p.unit, 0) + numel * (element or p.element_size)
-        reduced[p.unit] = reduced.get(p.unit, 0) + numel * (4 if fsdp_bf16 else p.grad_element_size)  # bf16: reduced in float32
+    gathered = st.per_unit(lambda p: 2 if fsdp_bf16 else p.element_size)
+    reduced = st.per_unit(lambda p: 4 if fsdp_bf16 else p.grad_element_size)  # bf16: reduced in float32
     gathers = {u: micro_batches * (1 if u < 0 else 2) for u in gathered}
     # A whole-matrix update gathers its momentum (shaped and typed as the parameter) once per step.
     whole = [p.nbytes for p in st.params if p.whole_update]
