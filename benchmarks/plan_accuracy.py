@@ -16,10 +16,10 @@ Adafactor does not run under FSDP2 (it reads norms on the host): those rows are 
 
 (b) Time. The same rows (without the isolating malloc setting; freed memory kept for reuse, as
 `Trainer.fit` does on a CPU): the planner's predicted step time against the median measured
-step, goal within 15%; then "after --calibrate": every row's
-prediction multiplied by measured / predicted of its model's 1-process, no-checkpointing row
-(what `regimen plan --calibrate` does with its own calibration run), goal within 5% on the
-other rows. Timing: run it on a quiet machine.
+step, goal within 15%; then "after --calibrate": the same plan's rows after its calibration
+(`Planner.calibrate`, what `regimen plan --calibrate` does: one rank's step alone corrects the
+compute, each parallel mode trained by its processes corrects that mode's rows), goal within
+5%. Timing: run it on a quiet machine.
 
 (c) `batch.micro = "auto"`: for a GPT of 30M parameters (10M with --quick) and a device memory M
 (`parallel.memory_gib`), the micro-batch auto chooses, and the largest micro-batch whose
@@ -44,7 +44,7 @@ import sys
 from typing import Any
 
 from benchmarks.common import Table, cli, threads
-from benchmarks.step_memory import GPTS, MiB, gpt, measure, planner, predict_peak, predict_step
+from benchmarks.step_memory import GPTS, MiB, gpt, measure, planner, predict_peak
 from regimen.registry import OPTIMIZERS as REGISTRY
 
 OPTIMIZERS = ("adamw", "muon", "adafactor", "lion", "schedulefree_adamw")
@@ -177,26 +177,33 @@ def memory_table(quick: bool) -> Table:
 
 
 def time_table(quick: bool) -> Table:
+    from regimen.estimate import Layout
+
     rows: list[list[Any]] = []
-    calibration: dict[tuple[str, str], float] = {}
     errors, calibrated_errors = [], []
+    groups: dict[tuple[str, str, int], list[tuple[str, str]]] = {}
     for size, opt, mode, n, ckpt in matrix(quick):
-        args = overrides(size, opt, mode, ckpt)
-        p = planner(args, n)
-        predicted = predict_step(p)
-        measured = measure(args, n, steps=3 if quick else 8, isolate=False, threads=max(1, threads() // n))["step_s"]
-        err = _error(predicted, measured)
-        errors.append(abs(err))
-        key = (size, opt)
-        if mode == "none" and ckpt == "none":
-            calibration[key] = measured / predicted
-            cal_err = None
-        else:
-            cal_err = _error(predicted * calibration[key], measured) if key in calibration else None
-            if cal_err is not None:
-                calibrated_errors.append(abs(cal_err))
-        label = f"{size} {opt} {mode if n == 1 else f'{mode} x{n}'}" + (f" ckpt={ckpt}" if ckpt != "none" else "")
-        rows.append([label, measured * 1e3, predicted * 1e3, err * 100, None if cal_err is None else cal_err * 100])
+        groups.setdefault((size, opt, n), []).append((mode, ckpt))
+    for (size, opt, n), entries in groups.items():
+        # One plan per model and device count, as `regimen plan --devices N --calibrate` makes it:
+        # every row's prediction before and after its calibration.
+        p = planner(overrides(size, opt, "none" if n == 1 else "ddp", "none"), n)
+        plan = p.plan()
+        layouts = {(mode, ckpt): Layout(mode, n, ckpt, False, p.share) for mode, ckpt in entries}
+        predicted = {key: p.step(layout, p.share).total for key, layout in layouts.items()}
+        calibrated_plan = p.calibrate(plan)
+        # The layouts the calibration itself ran: one rank alone, and each mode's processes.
+        ran = {p.calibrated["layout"].label()} | {r.split(" trained by")[0].removeprefix("calibrated, ") for r in calibrated_plan.notes}
+        calibrated = {key: p.step(layout, p.share).total for key, layout in layouts.items()}
+        for mode, ckpt in entries:
+            args = overrides(size, opt, mode, ckpt)
+            measured = measure(args, n, steps=3 if quick else 8, isolate=False, threads=max(1, threads() // n))["step_s"]
+            err, cal_err = _error(predicted[mode, ckpt], measured), _error(calibrated[mode, ckpt], measured)
+            errors.append(abs(err))
+            calibrated_errors.append(abs(cal_err))
+            label = layouts[mode, ckpt].label()
+            label = f"{size} {opt} {label}" + (" (calibration)" if label in ran else "")
+            rows.append([label, measured * 1e3, predicted[mode, ckpt] * 1e3, err * 100, cal_err * 100])
     worst, worst_cal = max(errors, default=0.0), max(calibrated_errors, default=0.0)
     return Table(
         title="Time: predicted against measured step time (CPU)",
@@ -206,12 +213,14 @@ def time_table(quick: bool) -> Table:
         fmt={"measured ms": ".1f", "predicted ms": ".1f", "error %": "+.1f", "after --calibrate %": "+.1f"},
         notes=[
             "Measured: the median step after the first, freed memory kept as `Trainer.fit` keeps it (no page faults once warm); "
-            "2 processes share the cores (each gets half the threads).",
+            "2 processes share the cores (each gets half the threads); each row in its own process (or two), after the plan.",
             "Predicted: each matmul, attention and other op moving over 1 MiB timed here at its shapes, smaller ops at the measured "
             "memory bandwidth, plus a per-op cost measured on a tiny training step, plus communication without overlap: gloo's "
             "all-reduce, all-gather and reduce-scatter timed here (latency + bandwidth) for each DDP bucket and FSDP2 unit.",
-            "After --calibrate: scaled by measured / predicted of the same model's 1-process row without checkpointing "
-            "(blank: that row itself).",
+            "After --calibrate: the same plan's rows after `Planner.calibrate` (what `regimen plan --calibrate` does): one rank's "
+            "step alone scales compute; with 2 devices, each of ddp and fsdp trained by its 2 processes (its fastest row, marked "
+            "'calibration') scales that mode's rows. Those runs are the plan's own; every error is against this table's separate "
+            "measurement.",
             f"Worst error {worst:.1%} (goal <= {TIME_GOAL:.0%}: {'met' if worst <= TIME_GOAL else '**not met**'}); after "
             f"calibration {worst_cal:.1%} (goal <= {CALIBRATED_GOAL:.0%}: {'met' if worst_cal <= CALIBRATED_GOAL else '**not met**'}).",
         ],

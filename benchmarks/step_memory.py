@@ -67,6 +67,7 @@ def worker(overrides: list[str], steps: int, isolate: bool) -> dict[str, Any]:
     import torch.distributed as dist
 
     from regimen.data import load_source
+    from regimen.launch import keep_until_exit
     from regimen.models import build_model, count_parameters
     from regimen.strategy import Strategy
     from regimen.task import Task, cross_entropy
@@ -108,7 +109,9 @@ def worker(overrides: list[str], steps: int, isolate: bool) -> dict[str, Any]:
     )
     if dist.is_initialized():
         dist.all_reduce(mine, op=dist.ReduceOp.MAX)
-        trainer.dist.close()
+        # Not destroyed: gloo's threads may still release the last collective's tensors; the
+        # worker ends as `regimen train`'s do (regimen.launch: a SIGABRT at exit otherwise).
+        keep_until_exit(trainer)
     peak, hwm, step_s, file_growth = mine.tolist()
     return {
         "peak": peak,
@@ -155,14 +158,11 @@ def predict_peak(p: Any) -> tuple[float, Any]:
     return fp.peak - fp.runtime, fp
 
 
-def predict_step(p: Any) -> float:
-    """Predicted seconds per step of the given layout (this machine's measured speed)."""
-    row = p.row(p.given_layout(), p.speed(), 1.0, float(p.strategy.batch.size))
-    return float(row.step.total)
-
-
 if __name__ == "__main__":
+    from regimen.launch import end_worker
+
     args = json.loads(sys.argv[1])
     result = worker(args["overrides"], int(args["steps"]), bool(args.get("isolate", True)))
     if int(os.environ.get("RANK", "0")) == 0:
         print(to_json(result), flush=True)
+    end_worker(0)

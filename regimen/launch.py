@@ -40,7 +40,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import IO, NoReturn
 
 from regimen.errors import UserError
 
@@ -58,8 +58,10 @@ def in_worker() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def torchrun(args: list[str]) -> int:
+def torchrun(args: list[str], output: IO[str] | None = None) -> int:
     """Run `torchrun ARGS` (torch.distributed.run) in a child process and wait for it; returns its exit code.
+
+    `output`: a file for everything the job writes (stdout and stderr); default the terminal.
 
     Raises the `UserError` a worker reported (the lowest rank's line) when the job failed on
     one, so that the CLI prints one line and exits 2 (see the module).
@@ -71,7 +73,8 @@ def torchrun(args: list[str]) -> int:
         env = {**os.environ, ERROR_DIR_ENV: errors}
         # torchrun's own default for several workers per node, set here so it does not print its banner.
         env.setdefault("OMP_NUM_THREADS", "1")
-        code = subprocess.call([sys.executable, "-c", "from regimen.launch import _torchrun_main; _torchrun_main()", *args], env=env)
+        command = [sys.executable, "-c", "from regimen.launch import _torchrun_main; _torchrun_main()", *args]
+        code = subprocess.call(command, env=env, stdout=output, stderr=None if output is None else subprocess.STDOUT)
         line = first_user_error(Path(errors))
     if code != 0 and line is not None:
         raise UserError(line)

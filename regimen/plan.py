@@ -24,10 +24,8 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
-import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -169,7 +167,8 @@ class Planner:
         self.n = target.devices
         self.share = max(1, math.ceil(estimate.largest_batch(s.batch, len(self.data.train)) / self.n))
         self.traces: dict[str, estimate.PolicyTrace] = {}
-        self.time_scale = 1.0
+        self.time_scale = 1.0  # measured / predicted compute of one rank (`calibrate`)
+        self.mode_scale: dict[str, float] = {}  # measured / predicted step of a parallel mode's N processes (`calibrate`)
         self.calibrated: dict[str, Any] = {}
         self._speed: devices.Speed | None = None
         self._untimed_collectives = ""  # why gloo's collectives could not be timed here, if they could not
@@ -235,11 +234,23 @@ class Planner:
             return estimate.Runtime(self.baseline, allocator_fraction("cpu"), "the process (Python, torch, data) and glibc's heap")
         return estimate.Runtime(CUDA_CONTEXT_BYTES, allocator_fraction("cuda"), "the CUDA context and the caching allocator")
 
+    def threads(self) -> int:
+        """torch threads of one rank: a CPU's are shared by the processes on it."""
+        return max(1, torch.get_num_threads() // self.n) if self.target.host_is_device else torch.get_num_threads()
+
+    def step(self, layout: estimate.Layout, share: float, speed: devices.Speed | None = None) -> estimate.StepTime:
+        """Predicted seconds of a step with `share` samples per rank, with what `calibrate` measured."""
+        trace = self.trace(layout.checkpointing)
+        bf16 = self.strategy.parallel.fsdp_bf16
+        st = estimate.step_time(trace, layout, share, speed or self.speed(), self.target.host_is_device, bf16, self.time_scale)
+        f = self.mode_scale.get(layout.mode, 1.0) if layout.devices > 1 else 1.0
+        return estimate.StepTime(st.compute * f, st.communication * f)
+
     def row(self, layout: estimate.Layout, speed: devices.Speed, steps: float, mean_batch: float, given: bool = False) -> Row:
         trace = self.trace(layout.checkpointing)
         bf16 = self.strategy.parallel.fsdp_bf16
         fp = estimate.footprint(trace, layout, self.share, self.runtime(), self.target.host_is_device, bf16)
-        st = estimate.step_time(trace, layout, mean_batch / self.n, speed, self.target.host_is_device, bf16, self.time_scale)
+        st = self.step(layout, mean_batch / self.n, speed)
         tokens = mean_batch * self.data.tokens_per_sample / st.total
         return Row(layout, fp, estimate.fits(fp, self.target.memory), st, tokens, steps * st.total, given)
 
@@ -312,7 +323,7 @@ class Planner:
                 for phase in [*trace.first.values(), *trace.later.values(), trace.update]:
                     keys.update(phase.tally.flops_of)
                     large.update({k: phase.tally.bytes_of[k] for k in phase.tally.large})
-            threads = max(1, torch.get_num_threads() // t.devices) if t.host_is_device else torch.get_num_threads()
+            threads = self.threads()
             link = devices.loopback_bandwidth() if t.host_is_device else 0.0
             speed = devices.measure(t.torch_device, threads, list(keys.items()), link, max_bytes=64 * 2**20, other_ops=list(large.items()))
             if t.host_is_device and t.devices > 1 and torch.distributed.is_available() and torch.distributed.is_gloo_available():
@@ -372,67 +383,60 @@ class Planner:
     # ---- calibration ---------------------------------------------------------------------
 
     def calibrate(self, plan: Plan) -> Plan:
-        """Run a few real steps of the recommended (else the given) layout here; correct the models; re-plan."""
+        """Measure here, correct the models, re-plan (`regimen.calibrate`).
+
+        One rank's work alone (the recommended layout, else the given one) scales every row's
+        compute and replaces the predicted rest of memory with the measured one. With several
+        devices, each parallel mode the plan offers is then trained by its N processes here
+        (its fastest fitting row) and that mode's rows are scaled by measured / predicted: the
+        wrappers' own work and collectives under load are in that figure and in no model.
+        """
+        from regimen import calibrate
+
+        self.mode_scale = {}
         row = plan.best or plan.rows[0]
-        measured = measure_steps(self.strategy, row.layout)
-        predicted_compute = row.step.compute / self.time_scale
-        self.time_scale = measured["step_s"] / predicted_compute
+        alone = replace(row.layout, mode="none", devices=1, offload=False)
+        measured = calibrate.one_rank(self.strategy, alone, self.share, self.threads())
+        predicted = self.step(alone, self.share).compute / self.time_scale
+        self.time_scale = measured["step_s"] / predicted
         # The rest, as measured: the process's peak beyond the training tensors it held.
         runtime = estimate.Runtime(max(measured["rest"], 0.0), 0.0, "the process and the allocator")
-        self.calibrated = {"runtime": runtime, **measured, "layout": row.layout, "predicted_step_s": predicted_compute}
+        fp = estimate.footprint(self.trace(alone.checkpointing), alone, self.share, runtime, self.target.host_is_device)
+        self.calibrated = {"runtime": runtime, **measured, "layout": alone, "predicted_step_s": predicted}
+        where = f"{self.threads()} thread{'s' if self.threads() > 1 else ''}, " if self.target.host_is_device else ""
+        notes = [
+            f"calibrated, one rank alone here ({alone.label()}, {where}{self.share} samples, micro {alone.micro}): step measured "
+            f"{measured['step_s']:.3g} s vs predicted {predicted:.3g} s (compute x {self.time_scale:.3f}); tensors' peak "
+            f"measured {measured['tensor_peak'] / GiB:.3f} GiB vs predicted {(fp.peak - fp.rest) / GiB:.3f} GiB; the rest "
+            f"measured {measured['rest'] / GiB:.3f} GiB (peak resident set beyond the tensors)"
+        ]
+        if self.n > 1:
+            why_not = self._why_no_processes()
+            for mode in dict.fromkeys(r.layout.mode for r in plan.rows if r.layout.devices > 1):
+                fitting = [r for r in plan.rows if r.layout.mode == mode and r.fits]
+                if why_not or not fitting:
+                    notes.append(f"{mode} x{self.n} not calibrated: {why_not or 'no layout of it fits'}")
+                    continue
+                layout = min(fitting, key=lambda r: r.step.total).layout
+                seconds = calibrate.processes(self.strategy, layout, self.share * self.n, self.threads())
+                predicted_n = self.step(layout, self.share).total
+                self.mode_scale[mode] = seconds / predicted_n
+                notes.append(
+                    f"calibrated, {layout.label()} trained by {self.n} processes here (micro {layout.micro}): step measured "
+                    f"{seconds:.3g} s vs predicted {predicted_n:.3g} s after the compute correction ({mode}'s rows x "
+                    f"{self.mode_scale[mode]:.3f})"
+                )
         new = self.plan()
-        new.notes.insert(
-            0,
-            f"calibrated (1 process here, {row.layout.label()}, micro {row.layout.micro}): step measured {measured['step_s']:.3g} s vs "
-            f"predicted {predicted_compute:.3g} s (all step times x {self.time_scale:.3f}); tensors' peak measured "
-            f"{measured['tensor_peak'] / GiB:.3f} GiB vs predicted {row.footprint.peak / GiB - row.footprint.rest / GiB:.3f} GiB "
-            f"without the rest; the rest measured {measured['rest'] / GiB:.3f} GiB (peak resident set beyond the tensors)",
-        )
+        new.notes[:0] = notes
         return new
 
-
-def measure_steps(strategy: Strategy, layout: estimate.Layout, steps: int = 4) -> dict[str, float]:
-    """Real steps of `layout` in this process (one process): median step time, peak tensor bytes, the rest."""
-    from regimen.task import build_task
-    from regimen.trace import Recorder
-    from regimen.trainer import Trainer
-
-    s = applied(strategy, replace(layout, mode="none", offload=False, devices=1)).replace({"observe.progress": "none"})
-    trainer = Trainer(s, build_task(s))
-    _reset_peak_resident()
-    trainer.train_step()  # creates the optimizer's state
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        trainer.train_step()
-        times.append(time.perf_counter() - t0)
-    recorder = Recorder()
-    recorder.hold(trainer.model.parameters(), "params")
-    recorder.hold([v for st in trainer.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)], "optimizer")
-    with recorder:
-        trainer.train_step()
-    tensor_peak = float(recorder.peak_total)
-    return {
-        "step_s": sorted(times)[len(times) // 2],
-        "tensor_peak": tensor_peak,
-        # Everything the process held at its peak beyond the training tensors: Python, torch, the data, the allocator.
-        "rest": max(_peak_resident() - tensor_peak, 0.0),
-    }
-
-
-def _reset_peak_resident() -> None:
-    with contextlib.suppress(OSError):  # Linux: restart the peak-RSS count (VmHWM) from now
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def _peak_resident() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024.0
-    except OSError:
-        pass
-    return 0.0
+    def _why_no_processes(self) -> str:
+        """Why N processes cannot train here ('' when they can)."""
+        t = self.target
+        if t.host_is_device:
+            return "" if torch.distributed.is_available() and torch.distributed.is_gloo_available() else "torch has no gloo backend here"
+        count = torch.cuda.device_count()
+        return "" if count >= self.n else f"{self.n} processes need {self.n} devices here, this machine has {count}"
 
 
 def applied(strategy: Strategy, layout: estimate.Layout) -> Strategy:

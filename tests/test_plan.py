@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -230,8 +231,21 @@ def test_calibrate_measures_here_and_says_so(corpus: Path) -> None:
     done = run_cli("plan", *SMALL, f"data.source=text:{corpus}", "--device", "cpu", "--calibrate")
     assert done.returncode == 0, done.stderr
     notes = [line for line in done.stdout.splitlines() if line.startswith("- ")]
-    assert notes[0].startswith("- calibrated (1 process here, none, micro 8): step measured ")
+    assert notes[0].startswith("- calibrated, one rank alone here (none, ") and "8 samples, micro 8): step measured " in notes[0]
     assert "tensors' peak measured" in notes[0] and "(measured by --calibrate)" in done.stdout
+
+
+def test_calibrate_trains_each_parallel_mode_with_its_processes(corpus: Path) -> None:
+    """With 2 devices, ddp and fsdp are each trained by 2 processes here; the row each ran shows the measured step."""
+    done = run_cli("plan", *SMALL, f"data.source=text:{corpus}", "--device", "cpu", "--devices", "2", "--calibrate")
+    assert done.returncode == 0, done.stderr
+    rows = {line[2:].split("  ")[0].removesuffix(" (given)").strip(): line for line in done.stdout.splitlines() if " x2" in line[:40]}
+    measured = re.findall(r"- calibrated, (\S+ x2[^(]*) trained by 2 processes here \(micro \d+\): step measured (\S+) s", done.stdout)
+    assert sorted(m for m, _ in measured) == ["ddp x2", "fsdp x2"], done.stdout
+    for label, seconds in measured:
+        shown = re.search(r"yes\s+(\S+) ms", rows[label.strip()])  # the table's step column, in ms
+        assert shown is not None, rows[label.strip()]
+        assert abs(float(shown.group(1)) - float(seconds) * 1e3) <= 0.5 + 1e-9, (label, seconds, shown.group(1))
 
 
 def test_large_ops_are_timed_alone_and_small_ones_priced_by_bandwidth() -> None:
