@@ -197,7 +197,7 @@ def time_table(quick: bool) -> Table:
         calibrated = {key: p.step(layout, p.share).total for key, layout in layouts.items()}
         for mode, ckpt in entries:
             args = overrides(size, opt, mode, ckpt)
-            measured = measure(args, n, steps=3 if quick else 8, isolate=False, threads=max(1, threads() // n))["step_s"]
+            measured = measure(args, n, steps=6 if quick else 8, isolate=False, threads=max(1, threads() // n))["step_s"]
             err, cal_err = _error(predicted[mode, ckpt], measured), _error(calibrated[mode, ckpt], measured)
             errors.append(abs(err))
             calibrated_errors.append(abs(cal_err))
