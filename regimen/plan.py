@@ -344,7 +344,7 @@ class Planner:
         t = self.target
         if t.here:
             how = (
-                f"step time: each matmul, attention and other op moving over 1 MiB timed here at its shapes "
+                f"step time: each matmul, attention and other op moving over 1 MiB timed here at its shapes, out of cache "
                 f"({len(speed.op_seconds)} timed), smaller ops at {speed.bandwidth / 1e9:.1f} GB/s plus "
                 f"{speed.overhead_s * 1e6:.1f} us each"
             )

@@ -248,6 +248,28 @@ def test_calibrate_trains_each_parallel_mode_with_its_processes(corpus: Path) ->
         assert abs(float(shown.group(1)) - float(seconds) * 1e3) <= 0.5 + 1e-9, (label, seconds, shown.group(1))
 
 
+def test_cpu_ops_are_timed_with_operands_and_outputs_out_of_cache() -> None:
+    """Each timed call of a CPU op reads its own copy of the operands and writes where no recent call wrote."""
+    from regimen.trace import OpKey, TensorSpec
+
+    read, written = [], []
+
+    def op(x: torch.Tensor) -> torch.Tensor:
+        read.append(x.data_ptr())
+        y = x * 2
+        written.append(y.data_ptr())
+        return y
+
+    nbytes = 8 * 2**20  # the operand; the output is as large
+    key = OpKey(op, (TensorSpec((nbytes // 4,), (1,), torch.float32),), ())
+    assert devices._time_op(key, torch.device("cpu"), lambda: None) > 0
+    copies = devices.COLD_BYTES // (2 * nbytes)
+    assert devices._cold_copies(2 * nbytes, torch.device("cpu")) == copies > 1
+    assert len(set(read)) == copies  # every copy of the operand read in turn
+    assert len(set(written[-copies:])) == copies  # a turn's outputs are held: each call writes other memory
+    assert devices._cold_copies(2 * nbytes, torch.device("meta")) == 1  # an accelerator's op is timed as before
+
+
 def test_large_ops_are_timed_alone_and_small_ones_priced_by_bandwidth() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
