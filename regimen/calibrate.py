@@ -1,10 +1,11 @@
 """`regimen plan --calibrate`: real training steps on this machine, for the planner to correct itself.
 
 Two measurements, both of the strategy's own model and data at a fixed global batch (the
-largest the plan holds), both the median of a few steps after a first one that creates the
-optimizer's state and warms the kernels:
+largest the plan holds), both in new processes set up as `Trainer.fit` sets a CPU's (freed
+memory kept), both the median of a few steps after a first one that creates the optimizer's
+state and warms the kernels:
 
-- `one_rank`: one rank's work alone, in this process: the layout without a parallel mode, a
+- `one_rank`: one rank's work alone, in a process of its own: the layout without a parallel mode, a
   rank's share of the batch and, where N ranks share this CPU, a rank's share of its threads.
   It is what the planner's compute model predicts; it also measures the memory a rank holds.
 - `processes`: the layout as it would train, N processes started with torchrun on this machine
@@ -26,20 +27,17 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from regimen.errors import UserError
 from regimen.estimate import Layout
 from regimen.strategy import Strategy
-
-if TYPE_CHECKING:
-    from regimen.trainer import Trainer
 
 STEPS = 6  # timed steps per measurement (after one untimed): their median
 
@@ -65,93 +63,91 @@ def at_batch(strategy: Strategy, layout: Layout, batch: int) -> Strategy:
 
 
 def one_rank(strategy: Strategy, layout: Layout, share: int, threads: int, steps: int = STEPS) -> dict[str, float]:
-    """One rank's step alone in this process (`layout` without its parallel mode, `share` samples, `threads` threads).
+    """One rank's step alone (`layout` without its parallel mode, `share` samples, `threads` threads) in a new process.
 
     Returns the median step in seconds, the peak of the tensors a step holds (parameters,
     optimizer state, gradients, activations), and the rest: the process's peak resident set
-    beyond those tensors (Python, torch, the data, the allocator's slack).
+    beyond those tensors (Python, torch, the data, the allocator's slack). A process of its own,
+    as `regimen train` has: the planning process's heap, after timing ops in it, is not a
+    training process's.
     """
-    from regimen.devices import torch_threads
-    from regimen.task import build_task
-    from regimen.trace import Recorder
-    from regimen.trainer import Trainer
-
     alone = Layout("none", 1, layout.checkpointing, False, layout.micro)
-    s = at_batch(strategy, alone, share)
-    with torch_threads(threads):
-        trainer = Trainer(s, build_task(s))
-        _as_fit_runs(trainer)
-        _reset_peak_resident()
-        trainer.train_step()  # creates the optimizer's state
-        times = _timed_steps(trainer, steps)
-        recorder = Recorder()
-        recorder.hold(trainer.model.parameters(), "params")
-        recorder.hold([v for st in trainer.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)], "optimizer")
-        with recorder:
-            trainer.train_step()
-    tensor_peak = float(recorder.peak_total)
-    return {"step_s": statistics.median(times), "tensor_peak": tensor_peak, "rest": max(_peak_resident() - tensor_peak, 0.0)}
+    (figures,) = _run(at_batch(strategy, alone, share), alone, threads, steps)
+    return figures
 
 
 def processes(strategy: Strategy, layout: Layout, batch: int, threads: int, steps: int = STEPS) -> float:
     """The median step in seconds of `layout` trained by its `layout.devices` processes here (the slowest rank's).
 
     torchrun starts them on this machine (loopback rendezvous); each runs `threads` intra-op
-    threads. A rank that fails raises a UserError with the last lines it wrote.
+    threads.
     """
-    from regimen.launch import torchrun
+    return max(figures["step_s"] for figures in _run(at_batch(strategy, layout, batch), layout, threads, steps))
 
-    s = at_batch(strategy, layout, batch)
+
+def _run(strategy: Strategy, layout: Layout, threads: int, steps: int) -> list[dict[str, float]]:
+    """Each rank's figures from `_worker`, in processes of their own; a failure raises a UserError with its last lines."""
+    from regimen.launch import ERROR_DIR_ENV, first_user_error, torchrun
+
     with tempfile.TemporaryDirectory(prefix="regimen-calibrate-") as tmp:
         work = Path(tmp)
-        s.save(work / "strategy.toml")
+        strategy.save(work / "strategy.toml")
         log = work / "output.txt"
+        worker = ["-m", "regimen.calibrate", str(work), str(threads), str(steps)]
         with log.open("w") as out:
-            code = torchrun(
-                ["--standalone", f"--nproc-per-node={layout.devices}", "-m", "regimen.calibrate", str(work), str(threads), str(steps)],
-                output=out,
-            )
-        medians = [json.loads(p.read_text())["step_s"] for p in sorted(work.glob("rank-*.json"))]
-        if code != 0 or len(medians) != layout.devices:
+            if layout.devices > 1:
+                code = torchrun(["--standalone", f"--nproc-per-node={layout.devices}", *worker], output=out)
+            else:
+                (work / "errors").mkdir()
+                env = {**os.environ, ERROR_DIR_ENV: str(work / "errors")}
+                code = subprocess.call([sys.executable, *worker], env=env, stdout=out, stderr=subprocess.STDOUT)
+                line = first_user_error(work / "errors")
+                if code != 0 and line is not None:
+                    raise UserError(line)
+        figures = [json.loads(p.read_text()) for p in sorted(work.glob("rank-*.json"))]
+        if code != 0 or len(figures) != layout.devices:
             tail = " | ".join(line.strip() for line in log.read_text(errors="replace").splitlines()[-3:] if line.strip())
-            raise UserError(f"--calibrate: {layout.label()} on {layout.devices} processes here failed (exit {code}): {tail}")
-    return max(medians)
-
-
-def _as_fit_runs(trainer: Trainer) -> None:
-    """The process's malloc set as `Trainer.fit` sets it: on a CPU, freed memory kept (no page faults once warm)."""
-    from regimen import host_memory
-
-    if trainer.device.type == "cpu":
-        host_memory.keep_freed_memory()
-
-
-def _timed_steps(trainer: Trainer, steps: int) -> list[float]:
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        trainer.train_step()
-        times.append(time.perf_counter() - t0)
-    return times
+            where = "one process" if layout.devices == 1 else f"{layout.devices} processes"
+            raise UserError(f"--calibrate: {layout.label()} on {where} here failed (exit {code}): {tail}")
+    return figures
 
 
 def _worker(work: Path, threads: int, steps: int) -> int:
-    """One rank of `processes`: a warm step, `steps` timed ones, its median into `work/rank-K.json`."""
+    """One rank: a warm step, `steps` timed ones; their median (alone: and the memory) into `work/rank-K.json`."""
     from regimen.launch import keep_until_exit
     from regimen.task import build_task
+    from regimen.trace import Recorder
     from regimen.trainer import Trainer
 
     torch.set_num_threads(threads)
     s = Strategy.load(work / "strategy.toml")
     trainer = Trainer(s, build_task(s))
     keep_until_exit(trainer)  # its process group lives until the worker ends (regimen.launch)
-    _as_fit_runs(trainer)
-    trainer.train_step()
-    median = statistics.median(_timed_steps(trainer, steps))
+    if trainer.device.type == "cpu":
+        from regimen import host_memory
+
+        host_memory.keep_freed_memory()  # as `Trainer.fit` runs on a CPU: no page faults once warm
+    _reset_peak_resident()
+    trainer.train_step()  # creates the optimizer's state
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        trainer.train_step()
+        times.append(time.perf_counter() - t0)
+    figures = {"step_s": statistics.median(times)}
+    if not trainer.dist.enabled:
+        recorder = Recorder()
+        recorder.hold(trainer.model.parameters(), "params")
+        recorder.hold([v for st in trainer.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)], "optimizer")
+        with recorder:
+            trainer.train_step()
+        figures["tensor_peak"] = float(recorder.peak_total)
+        # Everything the process held at its peak beyond the training tensors: Python, torch, the data, the allocator.
+        figures["rest"] = max(_peak_resident() - figures["tensor_peak"], 0.0)
     report = work / f"rank-{int(os.environ.get('RANK', '0')):05d}.json"
     tmp = report.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"step_s": median}))
-    os.replace(tmp, report)  # the launcher reads a whole figure or none
+    tmp.write_text(json.dumps(figures))
+    os.replace(tmp, report)  # the launcher reads whole figures or none
     return 0
 
 
