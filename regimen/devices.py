@@ -368,22 +368,24 @@ def _bandwidth(device: Any, sync: Callable[[], None]) -> float:
 def _time_op(key: Any, device: Any, sync: Callable[[], None]) -> float:
     """Median seconds of one traced compute op, rerun on real tensors of its shapes here.
 
-    On a CPU each call reads operands and writes its output where no recent call has: in a
-    step an op's operands were written long before and its output lands in memory the
-    allocator hands back from an earlier op, both beyond the caches, while an op rerun on the
-    same tensors finds all of it in cache (the 1M GPT's matmuls: 0.68 ms alone, 1.3 ms in the
-    step; 0.94 ms with only the output, 0.93 ms with only the operands, out of cache). So the
-    calls take turns over copies of the operands and keep each output for a turn, `COLD_BYTES`
-    in all.
+    On a CPU each call reads operands and writes its output where no recent call has, but for
+    the operands the step had just touched (`TensorSpec.hot`, such as a forward op's input, the
+    output of the op before): in a step the others were written long before and the output
+    lands in memory the allocator hands back from an earlier op, beyond the caches, while an op
+    rerun on the same tensors finds all of it in cache (the 1M GPT's matmuls: 0.68 ms alone,
+    1.3 ms in the step; 0.94 ms with only the output, 0.93 ms with only the operands, out of
+    cache). So the calls take turns over copies of the cold operands and keep each output for a
+    turn, `COLD_BYTES` in all.
     """
     import collections
 
     args, kwargs = _materialize(key, device)
     first = key.op(*args, **kwargs)
-    copies = _cold_copies(_operand_bytes(key) + _tree_bytes(first), device)
+    cold = sum(_spec_bytes(s) for s in _specs((key.args, tuple(v for _, v in key.kwargs))) if not s.hot)
+    copies = _cold_copies(cold + _tree_bytes(first), device)
     del first
     try:
-        turns = [(args, kwargs)] + [_copy_tree((args, kwargs)) for _ in range(copies - 1)]
+        turns = [(args, kwargs)] + [_copy_cold((args, kwargs), key) for _ in range(copies - 1)]
     except RuntimeError:  # operands that overlap themselves (an expanded stride) cannot be copied as laid out
         turns, copies = [(args, kwargs)], 1
     held: collections.deque[Any] = collections.deque(maxlen=copies)
@@ -421,17 +423,24 @@ def _tree_bytes(tree: Any) -> int:
     return 0
 
 
-def _copy_tree(tree: Any) -> Any:
+def _copy_cold(operands: tuple[tuple[Any, ...], dict[str, Any]], key: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Another copy of an op's operands, but for the hot ones (`TensorSpec.hot`), which every call shares."""
     import torch
 
-    if isinstance(tree, torch.Tensor):
-        out = torch.empty_strided(tree.shape, tree.stride(), dtype=tree.dtype, device=tree.device)
-        return out.copy_(tree)
-    if isinstance(tree, tuple):
-        return tuple(_copy_tree(x) for x in tree)
-    if isinstance(tree, dict):
-        return {k: _copy_tree(v) for k, v in tree.items()}
-    return tree
+    from regimen.trace import TensorSpec
+
+    def copy(value: Any, spec: Any) -> Any:
+        if isinstance(spec, TensorSpec) and isinstance(value, torch.Tensor):
+            if spec.hot:
+                return value
+            fresh = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+            return fresh.copy_(value)
+        if isinstance(spec, tuple) and isinstance(value, tuple):
+            return tuple(copy(v, s) for v, s in zip(value, spec))
+        return value
+
+    args, kwargs = operands
+    return copy(args, key.args), {k: copy(kwargs[k], spec) for k, spec in key.kwargs}
 
 
 def _operand_bytes(key: Any) -> int:
@@ -530,13 +539,43 @@ def measure_collectives(n: int, threads: int = 1, sizes: Sequence[int] = COLLECT
     def connect(rank: int) -> None:
         groups[rank] = dist.ProcessGroupGloo(store, rank, n, datetime.timedelta(seconds=60))
 
-    with torch_threads(threads):
+    with torch_threads(threads), _computing(n):
         _on_each_rank(n, connect)
         result: dict[str, Collective] = {}
         for kind in ("all_reduce", "all_gather", "reduce_scatter"):
             seconds = [_time_collective(groups, kind, nbytes, repeats) for nbytes in sizes]
             result[kind] = _fit_line(sizes, seconds)
         return result
+
+
+@contextlib.contextmanager
+def _computing(n: int) -> Iterator[None]:
+    """`n` threads multiplying matrices inside the block: the ranks' compute, which shares this host's cores with gloo.
+
+    In a step gloo's threads move the bytes while the ranks compute (FSDP2 gathers the next block
+    during this one, DDP all-reduces a bucket while the backward goes on); timed on idle cores,
+    all-gather moved 1.98 GB/s here, beside two computing threads 0.96 GB/s.
+    """
+    import threading
+
+    import torch
+
+    done = threading.Event()
+
+    def compute() -> None:
+        a = torch.ones(512, 512)
+        while not done.is_set():
+            torch.mm(a, a)
+
+    workers = [threading.Thread(target=compute, daemon=True) for _ in range(n)]
+    for w in workers:
+        w.start()
+    try:
+        yield
+    finally:
+        done.set()
+        for w in workers:
+            w.join()
 
 
 def _fit_line(sizes: Sequence[int], seconds: Sequence[float]) -> Collective:

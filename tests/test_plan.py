@@ -248,26 +248,47 @@ def test_calibrate_trains_each_parallel_mode_with_its_processes(corpus: Path) ->
         assert abs(float(shown.group(1)) - float(seconds) * 1e3) <= 0.5 + 1e-9, (label, seconds, shown.group(1))
 
 
-def test_cpu_ops_are_timed_with_operands_and_outputs_out_of_cache() -> None:
-    """Each timed call of a CPU op reads its own copy of the operands and writes where no recent call wrote."""
+def test_cpu_ops_are_timed_with_cold_operands_and_outputs_out_of_cache() -> None:
+    """Each timed call of a CPU op reads its own copy of the cold operands, shares the hot ones, and writes where no recent call wrote."""
     from regimen.trace import OpKey, TensorSpec
 
-    read, written = [], []
+    read_cold, read_hot, written = [], [], []
 
-    def op(x: torch.Tensor) -> torch.Tensor:
-        read.append(x.data_ptr())
-        y = x * 2
-        written.append(y.data_ptr())
-        return y
+    def op(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        read_cold.append(x.data_ptr())
+        read_hot.append(y.data_ptr())
+        out = x + y
+        written.append(out.data_ptr())
+        return out
 
-    nbytes = 8 * 2**20  # the operand; the output is as large
-    key = OpKey(op, (TensorSpec((nbytes // 4,), (1,), torch.float32),), ())
+    nbytes = 8 * 2**20  # each operand, and the output
+    spec = TensorSpec((nbytes // 4,), (1,), torch.float32)
+    key = OpKey(op, (spec, replace(spec, hot=True)), ())
     assert devices._time_op(key, torch.device("cpu"), lambda: None) > 0
-    copies = devices.COLD_BYTES // (2 * nbytes)
+    copies = devices.COLD_BYTES // (2 * nbytes)  # the cold operand and the output take turns
     assert devices._cold_copies(2 * nbytes, torch.device("cpu")) == copies > 1
-    assert len(set(read)) == copies  # every copy of the operand read in turn
+    assert len(set(read_cold)) == copies  # every copy of the cold operand read in turn
+    assert len(set(read_hot)) == 1  # the hot one is the same tensor in every call, as in the step
     assert len(set(written[-copies:])) == copies  # a turn's outputs are held: each call writes other memory
     assert devices._cold_copies(2 * nbytes, torch.device("meta")) == 1  # an accelerator's op is timed as before
+
+
+def test_an_operand_written_just_before_is_traced_hot_and_an_old_one_cold() -> None:
+    """`TensorSpec.hot`: what the step touched less than HOT_BYTES ago (a forward op's input), not what it touched long before."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from regimen.trace import HOT_BYTES
+
+    with FakeTensorMode():
+        x, w, big = torch.ones(256, 256), torch.ones(256, 256), torch.ones(HOT_BYTES // 4)
+        with Recorder() as r:
+            a = x.relu()
+            a @ w  # a: just written; w: never touched in the recorded step
+            big.neg()  # reads and writes 2 x HOT_BYTES
+            a @ w  # a: touched before all of that traffic
+    keys = list(r.tally.compute)
+    assert [tuple(s.hot for s in k.args) for k in keys] == [(True, False), (False, False)]
+    assert r.tally.compute[keys[0]] == r.tally.compute[keys[1]] == 1  # the same shapes, timed apart
 
 
 def test_large_ops_are_timed_alone_and_small_ones_priced_by_bandwidth() -> None:
@@ -277,10 +298,10 @@ def test_large_ops_are_timed_alone_and_small_ones_priced_by_bandwidth() -> None:
 
     big_n = TIMED_BYTES // 4  # float32 elements: the input alone is TIMED_BYTES
     with FakeTensorMode():
-        x, small = torch.ones(big_n), torch.ones(16)
+        x, y, small = torch.ones(big_n), torch.ones(big_n), torch.ones(16)
         with Recorder() as r:
             torch.nn.functional.gelu(x)  # reads and writes 2 x TIMED_BYTES: kept by kind
-            torch.nn.functional.gelu(x)  # the same kind again: counted twice, one key
+            torch.nn.functional.gelu(y)  # the same kind again (an operand as cold): counted twice, one key
             small.exp()  # 64 + 64 bytes
     tally = r.tally
     (key,) = tally.large
