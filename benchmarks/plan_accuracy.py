@@ -214,10 +214,11 @@ def time_table(quick: bool) -> Table:
         notes=[
             "Measured: the median step after the first, freed memory kept as `Trainer.fit` keeps it (no page faults once warm); "
             "2 processes share the cores (each gets half the threads); each row in its own process (or two), after the plan.",
-            "Predicted: each matmul, attention and other op moving over 1 MiB timed here at its shapes with operands and "
-            "output out of cache, smaller ops at the measured "
+            "Predicted: each matmul, attention and other op moving over 1 MiB timed here at its shapes in the step's cache state "
+            "(operands touched just before in cache, the others and the output not), smaller ops at the measured "
             "memory bandwidth, plus a per-op cost measured on a tiny training step, plus communication without overlap: gloo's "
-            "all-reduce, all-gather and reduce-scatter timed here (latency + bandwidth) for each DDP bucket and FSDP2 unit.",
+            "all-reduce, all-gather and reduce-scatter timed here beside computing threads (latency + bandwidth) for each DDP "
+            "bucket and FSDP2 unit.",
             "After --calibrate: the same plan's rows after `Planner.calibrate` (what `regimen plan --calibrate` does): one rank's "
             "step alone scales compute; with 2 devices, each of ddp and fsdp trained by its 2 processes (its fastest row, marked "
             "'calibration') scales that mode's rows. Those runs are the plan's own; every error is against this table's separate "

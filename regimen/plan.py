@@ -344,7 +344,7 @@ class Planner:
         t = self.target
         if t.here:
             how = (
-                f"step time: each matmul, attention and other op moving over 1 MiB timed here at its shapes, out of cache "
+                f"step time: each matmul, attention and other op moving over 1 MiB timed here at its shapes and in the step's cache state "
                 f"({len(speed.op_seconds)} timed), smaller ops at {speed.bandwidth / 1e9:.1f} GB/s plus "
                 f"{speed.overhead_s * 1e6:.1f} us each"
             )
@@ -356,7 +356,7 @@ class Planner:
                     + ", ".join(
                         f"{kind} {c.latency_s * 1e3:.2f} ms + {c.bytes_per_s / 1e9:.2f} GB/s" for kind, c in speed.collectives.items()
                     )
-                    + f" among {t.devices} ranks, timed here"
+                    + f" among {t.devices} ranks, timed here beside their compute"
                 )
         else:
             how = (
