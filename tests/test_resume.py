@@ -107,6 +107,10 @@ def _no_stray_jobs() -> Iterator[None]:
             job.kill()
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Job:
     """`python -m regimen train ...` with its output in a log file."""
 
@@ -122,6 +126,9 @@ class Job:
                 env={**ENV, freezing_model.ENV: freeze} if freeze else ENV,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                # Ctrl-C as a terminal delivers it: a suite started in the background of a
+                # non-interactive shell has SIGINT ignored, and the job would inherit that.
+                preexec_fn=_sigint_default,
             )
 
     def text(self) -> str:
