@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from regimen import host_memory, parallel, rundir
+from regimen import host_memory, interrupts, parallel, rundir
 from regimen.checkpoint import Checkpointer, ModelState, RNGState, export_safetensors
 from regimen.data import SampleOrder, micro_sizes, split_evenly
 from regimen.errors import UserError
@@ -239,6 +239,7 @@ class Trainer:
         self.task = task
         self.callbacks = callbacks or []
         self.hooks = hooks or []
+        self._interrupted: Callable[[], bool] = lambda: False  # set by `fit` (regimen.interrupts)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if self.run_dir is not None:
             check_loggers(s.observe)  # a missing logger package fails before anything is built or written
@@ -503,7 +504,8 @@ class Trainer:
     def fit(self) -> RunResult:
         """Train until the budget is spent (or a callback stops it); log, evaluate and checkpoint on their cadence."""
         try:
-            return self._fit()
+            with interrupts.remembered() as self._interrupted:
+                return self._fit()
         except BaseException as e:
             status: Status = "killed" if isinstance(e, KeyboardInterrupt) else "failed"
             for sink in self.sinks:
@@ -534,6 +536,8 @@ class Trainer:
         if self.device.type == "cpu":
             host_memory.keep_freed_memory()  # no page faults for the buffers each step frees and takes again
         while not budget_reached(self.progress, self.budget_unit, self.budget):
+            if self._interrupted():  # a Ctrl-C whose KeyboardInterrupt something dropped (regimen.interrupts)
+                raise KeyboardInterrupt
             self.checkpointer.poll()  # a save written in the background: published, or its failure raised
             out = self._step_or_explain()
             if out["skipped"]:
