@@ -191,9 +191,8 @@ def time_table(quick: bool) -> Table:
         plan = p.plan()
         layouts = {(mode, ckpt): Layout(mode, n, ckpt, False, p.share) for mode, ckpt in entries}
         predicted = {key: p.step(layout, p.share).total for key, layout in layouts.items()}
-        calibrated_plan = p.calibrate(plan)
-        # The layouts the calibration itself ran: one rank alone, and each mode's processes.
-        ran = {p.calibrated["layout"].label()} | {r.split(" trained by")[0].removeprefix("calibrated, ") for r in calibrated_plan.notes}
+        p.calibrate(plan)
+        ran = {layout.label() for layout in p.calibrated["layouts"]}  # one rank alone, and each mode's processes
         calibrated = {key: p.step(layout, p.share).total for key, layout in layouts.items()}
         for mode, ckpt in entries:
             args = overrides(size, opt, mode, ckpt)

@@ -31,12 +31,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from regimen.errors import UserError
 from regimen.estimate import Layout
+from regimen.plan import applied
 from regimen.strategy import Strategy
 
 STEPS = 6  # timed steps per measurement (after one untimed): their median
@@ -51,15 +53,9 @@ def at_batch(strategy: Strategy, layout: Layout, batch: int) -> Strategy:
     """
     tree = strategy.to_dict()
     # A batch schedule would measure its first steps' sizes, not the one the plan prices.
-    tree["batch"] = {"schedule": "fixed", "size": batch, "micro": min(layout.micro, max(1, batch // layout.devices))}
-    tree["parallel"] = {
-        **tree.get("parallel", {}),
-        "mode": layout.mode,
-        "activation_checkpointing": layout.checkpointing,
-        "cpu_offload": layout.offload,
-    }
+    tree["batch"] = {"schedule": "fixed", "size": batch}
     tree.setdefault("observe", {})["progress"] = "none"
-    return Strategy.from_dict(tree)
+    return applied(Strategy.from_dict(tree), replace(layout, micro=min(layout.micro, max(1, batch // layout.devices))))
 
 
 def one_rank(strategy: Strategy, layout: Layout, share: int, threads: int, steps: int = STEPS) -> dict[str, float]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import itertools
 import math
 import os
 import statistics
@@ -389,10 +390,10 @@ def _time_op(key: Any, device: Any, sync: Callable[[], None]) -> float:
     except RuntimeError:  # operands that overlap themselves (an expanded stride) cannot be copied as laid out
         turns, copies = [(args, kwargs)], 1
     held: collections.deque[Any] = collections.deque(maxlen=copies)
-    count = iter(range(1 << 62))
+    turn = itertools.cycle(turns)
 
     def run() -> None:
-        a, k = turns[next(count) % copies]
+        a, k = next(turn)
         held.append(key.op(*a, **k))
 
     for _ in range(copies - 1):  # the turns and the held outputs in place before timing

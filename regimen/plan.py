@@ -402,7 +402,8 @@ class Planner:
         # The rest, as measured: the process's peak beyond the training tensors it held.
         runtime = estimate.Runtime(max(measured["rest"], 0.0), 0.0, "the process and the allocator")
         fp = estimate.footprint(self.trace(alone.checkpointing), alone, self.share, runtime, self.target.host_is_device)
-        self.calibrated = {"runtime": runtime, **measured, "layout": alone, "predicted_step_s": predicted}
+        # What was measured, and the layouts the measurements ran (one rank alone, then each mode's processes).
+        self.calibrated = {"runtime": runtime, **measured, "layouts": [alone], "predicted_step_s": predicted}
         where = f"{self.threads()} thread{'s' if self.threads() > 1 else ''}, " if self.target.host_is_device else ""
         notes = [
             f"calibrated, one rank alone here ({alone.label()}, {where}{self.share} samples, micro {alone.micro}): step measured "
@@ -419,6 +420,7 @@ class Planner:
                     continue
                 layout = min(fitting, key=lambda r: r.step.total).layout
                 seconds = calibrate.processes(self.strategy, layout, self.share * self.n, self.threads())
+                self.calibrated["layouts"].append(layout)
                 predicted_n = self.step(layout, self.share).total
                 self.mode_scale[mode] = seconds / predicted_n
                 notes.append(
