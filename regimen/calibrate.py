@@ -38,7 +38,6 @@ import torch
 
 from regimen.errors import UserError
 from regimen.estimate import Layout
-from regimen.plan import applied
 from regimen.strategy import Strategy
 
 STEPS = 6  # timed steps per measurement (after one untimed): their median
@@ -55,7 +54,7 @@ def at_batch(strategy: Strategy, layout: Layout, batch: int) -> Strategy:
     # A batch schedule would measure its first steps' sizes, not the one the plan prices.
     tree["batch"] = {"schedule": "fixed", "size": batch}
     tree.setdefault("observe", {})["progress"] = "none"
-    return applied(Strategy.from_dict(tree), replace(layout, micro=min(layout.micro, max(1, batch // layout.devices))))
+    return replace(layout, micro=min(layout.micro, max(1, batch // layout.devices))).applied_to(Strategy.from_dict(tree))
 
 
 def one_rank(strategy: Strategy, layout: Layout, share: int, threads: int, steps: int = STEPS) -> dict[str, float]:

@@ -76,6 +76,17 @@ class Layout:
     offload: bool
     micro: int
 
+    def applied_to(self, strategy: Strategy) -> Strategy:
+        """`strategy` with this layout's parallel mode, checkpointing, offload and micro-batch."""
+        return strategy.replace(
+            {
+                "parallel.mode": self.mode,
+                "parallel.activation_checkpointing": self.checkpointing,
+                "parallel.cpu_offload": self.offload,
+                "batch.micro": self.micro,
+            }
+        )
+
     def label(self) -> str:
         parts = [self.mode if self.devices == 1 else f"{self.mode} x{self.devices}"]
         if self.checkpointing != "none":

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if args.apply is not None:
         if plan.best is None:
             raise UserError("--apply: no layout fits, so nothing was written; see the table for what each needs")
-        path = write_strategy(applied(strategy, plan.best.layout), Path(args.apply))
+        path = write_strategy(plan.best.layout.applied_to(strategy), Path(args.apply))
         nproc = f" --nproc {n}" if n > 1 else ""
         print(f"\nwrote {path}: regimen train {path}{nproc}")
     return 0
@@ -439,18 +439,6 @@ class Planner:
             return "" if torch.distributed.is_available() and torch.distributed.is_gloo_available() else "torch has no gloo backend here"
         count = torch.cuda.device_count()
         return "" if count >= self.n else f"{self.n} processes need {self.n} devices here, this machine has {count}"
-
-
-def applied(strategy: Strategy, layout: estimate.Layout) -> Strategy:
-    """`strategy` with a layout's parallel mode, checkpointing, offload and micro-batch."""
-    return strategy.replace(
-        {
-            "parallel.mode": layout.mode,
-            "parallel.activation_checkpointing": layout.checkpointing,
-            "parallel.cpu_offload": layout.offload,
-            "batch.micro": layout.micro,
-        }
-    )
 
 
 def write_strategy(strategy: Strategy, path: Path) -> Path:
