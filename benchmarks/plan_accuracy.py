@@ -45,6 +45,7 @@ from typing import Any
 
 from benchmarks.common import Table, cli, threads
 from benchmarks.step_memory import GPTS, MiB, gpt, measure, planner, predict_peak
+from regimen.calibrate import SECONDS, STEPS
 from regimen.registry import OPTIMIZERS as REGISTRY
 
 OPTIMIZERS = ("adamw", "muon", "adafactor", "lion", "schedulefree_adamw")
@@ -196,7 +197,8 @@ def time_table(quick: bool) -> Table:
         calibrated = {key: p.step(layout, p.share).total for key, layout in layouts.items()}
         for mode, ckpt in entries:
             args = overrides(size, opt, mode, ckpt)
-            measured = measure(args, n, steps=6 if quick else 8, isolate=False, threads=max(1, threads() // n))["step_s"]
+            # As many steps as a calibration times (at least 6, about 3 s of them): a 1M step moves by +-5% from one to the next.
+            measured = measure(args, n, steps=STEPS, isolate=False, threads=max(1, threads() // n), seconds=SECONDS)["step_s"]
             err, cal_err = _error(predicted[mode, ckpt], measured), _error(calibrated[mode, ckpt], measured)
             errors.append(abs(err))
             calibrated_errors.append(abs(cal_err))
@@ -211,7 +213,8 @@ def time_table(quick: bool) -> Table:
         command="python -m benchmarks.plan_accuracy --part time" + (" --quick" if quick else ""),
         fmt={"measured ms": ".1f", "predicted ms": ".1f", "error %": "+.1f", "after --calibrate %": "+.1f"},
         notes=[
-            "Measured: the median step after the first, freed memory kept as `Trainer.fit` keeps it (no page faults once warm); "
+            "Measured: the median of at least 6 steps and about 3 s of them after the first (as `--calibrate` times them), "
+            "freed memory kept as `Trainer.fit` keeps it (no page faults once warm); "
             "2 processes share the cores (each gets half the threads); each row in its own process (or two), after the plan.",
             "Predicted: each matmul, attention and other op moving over 1 MiB timed here at its shapes in the step's cache state "
             "(operands touched just before in cache, the others and the output not), smaller ops at the measured "

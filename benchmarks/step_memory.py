@@ -61,11 +61,16 @@ def _status(key: str) -> int:
     return int(found.group(1)) * 1024
 
 
-def worker(overrides: list[str], steps: int, isolate: bool) -> dict[str, Any]:
-    """One rank: the measurement of the module docstring; rank 0 returns the largest rank's figures."""
+def worker(overrides: list[str], steps: int, isolate: bool, seconds: float = 0.0) -> dict[str, Any]:
+    """One rank: the measurement of the module docstring; rank 0 returns the largest rank's figures.
+
+    `seconds` > 0: at least `steps` timed steps and about `seconds` of them, as `regimen plan
+    --calibrate` times its steps (`regimen.calibrate.timed_steps`).
+    """
     import torch
     import torch.distributed as dist
 
+    from regimen.calibrate import timed_steps
     from regimen.data import load_source
     from regimen.launch import keep_until_exit
     from regimen.models import build_model, count_parameters
@@ -99,11 +104,14 @@ def worker(overrides: list[str], steps: int, isolate: bool) -> dict[str, Any]:
         host_memory.keep_freed_memory()  # what `Trainer.fit` does on a CPU: no page faults once warm
     trainer.train_step()  # creates the optimizer's state
     Path("/proc/self/clear_refs").write_text("5")  # the peak of the steps below only
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        trainer.train_step()
-        times.append(time.perf_counter() - t0)
+    if seconds:
+        times = timed_steps(trainer, steps, seconds)  # as `regimen plan --calibrate` times its steps
+    else:
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            trainer.train_step()
+            times.append(time.perf_counter() - t0)
     mine = torch.tensor(
         [_status("VmHWM") - baseline, _status("VmHWM"), statistics.median(times), _status("RssFile") - file_before], dtype=torch.float64
     )
@@ -125,13 +133,13 @@ def worker(overrides: list[str], steps: int, isolate: bool) -> dict[str, Any]:
 
 
 def measure(
-    overrides: list[str], nproc: int, steps: int = 2, isolate: bool = True, threads: int = 1, timeout: float = 3600
+    overrides: list[str], nproc: int, steps: int = 2, isolate: bool = True, threads: int = 1, timeout: float = 3600, seconds: float = 0.0
 ) -> dict[str, Any]:
     """Run `worker` in its own process (or two under torchrun); its JSON result."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     if isolate:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    payload = json.dumps({"overrides": overrides, "steps": steps, "isolate": isolate})
+    payload = json.dumps({"overrides": overrides, "steps": steps, "isolate": isolate, "seconds": seconds})
     if nproc == 1:
         cmd = [sys.executable, "-m", "benchmarks.step_memory", payload]
     else:
@@ -162,7 +170,7 @@ if __name__ == "__main__":
     from regimen.launch import end_worker
 
     args = json.loads(sys.argv[1])
-    result = worker(args["overrides"], int(args["steps"]), bool(args.get("isolate", True)))
+    result = worker(args["overrides"], int(args["steps"]), bool(args.get("isolate", True)), float(args.get("seconds", 0.0)))
     if int(os.environ.get("RANK", "0")) == 0:
         print(to_json(result), flush=True)
     end_worker(0)

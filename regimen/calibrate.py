@@ -2,8 +2,8 @@
 
 Two measurements, both of the strategy's own model and data at a fixed global batch (the
 largest the plan holds), both in new processes set up as `Trainer.fit` sets a CPU's (freed
-memory kept), both the median of a few steps after a first one that creates the optimizer's
-state and warms the kernels:
+memory kept), both the median of at least 6 steps and about 3 s of them (`timed_steps`) after a
+first one that creates the optimizer's state and warms the kernels:
 
 - `one_rank`: one rank's work alone, in a process of its own: the layout without a parallel mode, a
   rank's share of the batch and, where N ranks share this CPU, a rank's share of its threads.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -33,6 +34,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -40,7 +42,12 @@ from regimen.errors import UserError
 from regimen.estimate import Layout
 from regimen.strategy import Strategy
 
-STEPS = 6  # timed steps per measurement (after one untimed): their median
+if TYPE_CHECKING:
+    from regimen.trainer import Trainer
+
+STEPS = 6  # timed steps per measurement at least (after one untimed): their median ...
+SECONDS = 3.0  # ... and about this long in all: a 1M GPT's CPU step moves by +-5% from one to the next
+MAX_STEPS = 40
 
 
 def at_batch(strategy: Strategy, layout: Layout, batch: int) -> Strategy:
@@ -108,7 +115,7 @@ def _run(strategy: Strategy, layout: Layout, threads: int, steps: int) -> list[d
 
 
 def _worker(work: Path, threads: int, steps: int) -> int:
-    """One rank: a warm step, `steps` timed ones; their median (alone: and the memory) into `work/rank-K.json`."""
+    """One rank: a warm step, then `timed_steps`; their median (alone: and the memory) into `work/rank-K.json`."""
     from regimen.launch import keep_until_exit
     from regimen.task import build_task
     from regimen.trace import Recorder
@@ -124,12 +131,7 @@ def _worker(work: Path, threads: int, steps: int) -> int:
         host_memory.keep_freed_memory()  # as `Trainer.fit` runs on a CPU: no page faults once warm
     _reset_peak_resident()
     trainer.train_step()  # creates the optimizer's state
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        trainer.train_step()
-        times.append(time.perf_counter() - t0)
-    figures = {"step_s": statistics.median(times)}
+    figures = {"step_s": statistics.median(timed_steps(trainer, steps))}
     if not trainer.dist.enabled:
         recorder = Recorder()
         recorder.hold(trainer.model.parameters(), "params")
@@ -144,6 +146,25 @@ def _worker(work: Path, threads: int, steps: int) -> int:
     tmp.write_text(json.dumps(figures))
     os.replace(tmp, report)  # the launcher reads whole figures or none
     return 0
+
+
+def timed_steps(trainer: Trainer, steps: int = STEPS, seconds: float = SECONDS) -> list[float]:
+    """Seconds of each of at least `steps` training steps, and about `seconds` of them (`MAX_STEPS` at most).
+
+    The count comes from the first step's time, the smallest over ranks: every rank runs the
+    same steps (each ends in a collective).
+    """
+    times = [_timed_step(trainer)]
+    wanted = min(MAX_STEPS, max(steps, math.ceil(seconds / max(times[0], 1e-6))))
+    count = int(trainer.dist.all_reduce_min(torch.tensor([float(wanted)])).item())
+    times += [_timed_step(trainer) for _ in range(count - 1)]
+    return times
+
+
+def _timed_step(trainer: Trainer) -> float:
+    start = time.perf_counter()
+    trainer.train_step()
+    return time.perf_counter() - start
 
 
 def _reset_peak_resident() -> None:

@@ -520,14 +520,14 @@ def loopback_bandwidth(nbytes: int = 64 * 2**20) -> float:
 COLLECTIVE_BYTES = (64 * 2**10, 512 * 2**10, 2 * 2**20, 8 * 2**20)
 
 
-def measure_collectives(n: int, threads: int = 1, sizes: Sequence[int] = COLLECTIVE_BYTES, repeats: int = 9) -> dict[str, Collective]:
+def measure_collectives(n: int, threads: int = 1, sizes: Sequence[int] = COLLECTIVE_BYTES, repeats: int = 25) -> dict[str, Collective]:
     """gloo's all_reduce, all_gather and reduce_scatter among `n` ranks on this host, as `Collective`s.
 
     The ranks are `n` threads of this process, each with its own gloo process group over an
     in-memory store: the same loopback transport, the same reduction arithmetic and the same
     cost per call as `n` processes, without starting any (gloo's work runs outside the GIL).
     The size of a collective is its whole tensor: the all-reduced one, the gathered output,
-    the reduce-scattered input. The slowest rank's median is what a step waits for.
+    the reduce-scattered input. The slowest rank's mean is what a step waits for.
     """
     import datetime
 
@@ -594,11 +594,17 @@ def _fit_line(sizes: Sequence[int], seconds: Sequence[float]) -> Collective:
 
 
 def _time_collective(groups: list[Any], kind: str, nbytes: int, repeats: int) -> float:
-    """The slowest rank's median seconds of one `kind` collective of `nbytes` (see `measure_collectives`)."""
+    """The slowest rank's mean seconds of one `kind` collective of `nbytes` (see `measure_collectives`).
+
+    The mean, not the median: a step pays the sum of its calls, and beside computing threads a
+    call's time is bimodal (gloo's threads get a core at once, or wait for a time slice), so the
+    median flips between the modes from one plan to the next (a fitted latency of 0 to 0.4 ms
+    here, where 30 calls average 0.6 to 1.4 ms) while the mean is what many calls add up to.
+    """
     import torch
 
     n = len(groups)
-    medians = [0.0] * n
+    means = [0.0] * n
 
     def time_rank(rank: int) -> None:
         numel = nbytes // 4 // n * n  # divisible into n equal shards
@@ -614,10 +620,10 @@ def _time_collective(groups: list[Any], kind: str, nbytes: int, repeats: int) ->
             t0 = time.perf_counter()
             call().wait()
             times.append(time.perf_counter() - t0)
-        medians[rank] = statistics.median(times[1:])
+        means[rank] = statistics.fmean(times[1:])
 
     _on_each_rank(n, time_rank)
-    return max(medians)
+    return max(means)
 
 
 def _on_each_rank(n: int, fn: Callable[[int], None], timeout_s: float = 120.0) -> None:

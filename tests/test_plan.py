@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from regimen import devices, estimate
+from regimen import calibrate, devices, estimate
 from regimen.errors import UserError
 from regimen.optim import NAMES, build_optimizer
 from regimen.plan import Planner, resolve_target
@@ -376,6 +377,57 @@ def test_collectives_are_timed_among_threads_of_this_process() -> None:
     assert sorted(timed) == ["all_gather", "all_reduce", "reduce_scatter"]
     for c in timed.values():
         assert c.latency_s >= 0.0 and 0.0 < c.bytes_per_s < math.inf
+
+
+class _FakeDist:
+    def __init__(self, others_want: int) -> None:
+        self.others_want = others_want  # the step count the other ranks asked for
+
+    def all_reduce_min(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(t, torch.tensor([float(self.others_want)]))
+
+
+class _SleepingTrainer:
+    def __init__(self, step_s: float, others_want: int = 10**6) -> None:
+        self.dist, self.step_s, self.steps = _FakeDist(others_want), step_s, 0
+
+    def train_step(self) -> None:
+        time.sleep(self.step_s)
+        self.steps += 1
+
+
+def test_calibration_times_at_least_its_steps_and_about_its_seconds_the_same_count_on_every_rank() -> None:
+    t = _SleepingTrainer(0.01)
+    times = calibrate.timed_steps(t, steps=3, seconds=0.1)  # type: ignore[arg-type]
+    assert len(times) == t.steps == max(3, math.ceil(0.1 / times[0]))  # from the first step's time
+    assert 3 <= len(times) <= 10 and min(times) >= 0.01
+    assert len(calibrate.timed_steps(_SleepingTrainer(0.01), steps=5, seconds=0.0)) == 5  # type: ignore[arg-type]
+    assert len(calibrate.timed_steps(_SleepingTrainer(0.0), steps=2, seconds=100.0)) == calibrate.MAX_STEPS  # type: ignore[arg-type]
+    # Another rank asks for fewer: every rank runs the smallest count (each step ends in a collective).
+    assert len(calibrate.timed_steps(_SleepingTrainer(0.01, others_want=4), steps=3, seconds=1.0)) == 4  # type: ignore[arg-type]
+
+
+def test_a_collective_is_timed_by_its_mean_call_what_a_step_of_many_calls_pays() -> None:
+    # Two calls of 1 ms and one of 30 ms after the setup call: a step of many such calls pays their
+    # mean (>= 10.7 ms, sleeps only overrun), where the median (~1 ms) would miss the slow mode.
+    delays = [0.0, 0.001, 0.001, 0.03]
+
+    class Group:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def _allgather_base(self, out: torch.Tensor, shard: torch.Tensor) -> Group:
+            time.sleep(delays[self.calls])
+            self.calls += 1
+            return self
+
+        def wait(self) -> None:
+            pass
+
+    groups = [Group(), Group()]
+    seconds = devices._time_collective(groups, "all_gather", 4096, repeats=3)
+    assert all(g.calls == 4 for g in groups)
+    assert seconds >= sum(delays[1:]) / 3
 
 
 def test_muons_matrices_are_counted_as_whole_matrix_updates(corpus: Path) -> None:
