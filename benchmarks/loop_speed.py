@@ -10,8 +10,9 @@ weights. Two modes:
   (regimen still computes the gradient norm for its non-finite guard: one read of the gradients.)
 - `features`, what a real run turns on: global-norm clipping at 1.0, a warmup-stable-decay LR
   (decay over the last 40%, 1-sqrt), an evaluation every quarter of the run on 48 fixed
-  validation samples, a checkpoint of model and optimizer every quarter of the run; and, in
-  regimen only, the gradient-noise-scale estimate (the peers have none: regimen does more work).
+  validation samples, a checkpoint of model and optimizer every quarter of the run; and the
+  gradient-noise-scale estimate in regimen and in the hand-written loop (a') (the peers have
+  none: against them regimen does more work).
   Each loop evaluates and saves its own way: the hand-written loop as nanoGPT (`torch.save` of
   both state dicts), Lightning's `ModelCheckpoint`, HF's `save_strategy="steps"`, regimen's DCP
   checkpoint written in the background (`checkpoint.async_save = true`, the issue's ask; CPU runs
@@ -22,6 +23,10 @@ The loops:
 - `torch loop`: nanoGPT's loop written out by hand (get batch, forward, loss, backward, [clip],
   step, zero_grad, [eval, save]), reading the batches the way regimen does (`SampleOrder` +
   `TokenWindows`). This is the baseline: every ratio is against it.
+- `torch loop + noise scale` (features mode): the same with the noise scale written by hand
+  (`HandNoiseScale`: the last gradient kept, one dot product a step), regimen's like-for-like
+  baseline there; the table's notes give regimen against it, what the estimate costs the
+  hand-written loop, and both loops' B_noise at the end (the same estimate, computed twice).
 - `regimen`: `Trainer.fit()` with its defaults (log row every 10 steps), no progress bar; a run
   directory only in `features` mode (for its checkpoints).
 - `lightning`: `lightning.Trainer.fit` with logging, progress bar and model summary off; `hf`:
@@ -50,6 +55,7 @@ reported as a share of the timed steps. The peers run where they are importable:
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import statistics
@@ -88,7 +94,7 @@ QUICK_PLAN = {"1M": (40, 10), "10M": (16, 5), "50M": (8, 3)}
 MODES = ("bare", "features")
 MODE_TEXT = {
     "bare": "constant LR, no clipping, no evaluation or checkpoint in the timed steps",
-    "features": "clipping, WSD, evaluation and a checkpoint every quarter of the run, and (regimen only) the noise scale",
+    "features": "clipping, WSD, evaluation and a checkpoint every quarter of the run, and the noise scale (regimen and (a'))",
 }
 CONTEXT = 64
 BATCH = 12
@@ -97,8 +103,14 @@ WEIGHT_DECAY = 0.1
 CLIP = 1.0  # features mode
 EVAL_SAMPLES = 48  # features mode: validation samples per evaluation (4 batches)
 SEED = 0
-KINDS = ("torch", "regimen", "lightning", "hf")
-LABELS = {"torch": "torch loop (a)", "regimen": "regimen (b)", "lightning": "Lightning (c)", "hf": "HF Trainer (d)"}
+KINDS = ("torch", "torch_noise", "regimen", "lightning", "hf")
+LABELS = {
+    "torch": "torch loop (a)",
+    "torch_noise": "torch loop + noise scale (a')",
+    "regimen": "regimen (b)",
+    "lightning": "Lightning (c)",
+    "hf": "HF Trainer (d)",
+}
 FORMATS = {
     "tokens/s": ".0f",
     "ms/step": ".2f",
@@ -122,6 +134,7 @@ class Workload:
     batch: int = BATCH
     features: bool = False
     val: Any = None  # features: TokenWindows of the validation split
+    noise_scale: float | None = None  # (a'): B_noise after the last step
     save_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="loop-speed-"))
 
     @property
@@ -205,6 +218,22 @@ def hand_step(model: Any, params: list, optimizer: Any, x: Any, y: Any, clip: fl
     return loss
 
 
+def noise_step(model: Any, params: list, optimizer: Any, x: Any, y: Any, clip: float, estimate: HandNoiseScale) -> Any:
+    """`hand_step` with the noise scale: the norm first, the pair before clipping (which scales the gradients)."""
+    logits = model(x)
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+    loss.backward()
+    grads = [p.grad for p in params]
+    with torch.no_grad():
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        estimate.step(grads, norm, clip)
+        if clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm, foreach=True)  # = clip_grad_norm_ with the norm known
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 @torch.no_grad()
 def hand_eval(model: Any, x: Any, y: Any) -> float:
     """nanoGPT's `estimate_loss` on the fixed validation samples, in batches of `BATCH`."""
@@ -214,23 +243,69 @@ def hand_eval(model: Any, x: Any, y: Any) -> float:
     return float(torch.stack(losses).mean())
 
 
-def torch_loop(w: Workload) -> tuple[list[float], float]:
-    """(a) The hand-written loop: nanoGPT's train.py (clipping, its LR set per step, eval and `torch.save` in features mode)."""
+class HandNoiseScale:
+    """The gradient noise scale added to the hand-written loop by hand, the way regimen measures it
+    in one process with one micro-batch (McCandlish et al. 2018 from two consecutive steps'
+    gradients, AdaptDL's pairing): the last gradient kept by reference (`zero_grad` sets `.grad`
+    to None, so the next backward writes new tensors), one dot product with it per step, |g|^2
+    from the clipping norm, the averages as tensors (no host sync). Written without regimen.
+    """
+
+    def __init__(self, batch: int, ema: float = 0.95) -> None:
+        self.batch, self.ema = batch, ema
+        self.prev: list[Any] | None = None
+        self.prev_sq: Any = None
+        self.prev_scale: Any = None  # clipping multiplied the kept gradient in place by this
+        self.grad_sq = torch.zeros((), dtype=torch.float64)
+        self.trace = torch.zeros((), dtype=torch.float64)
+        self.updates = 0
+
+    def step(self, grads: list[Any], norm: Any, clip: float) -> None:
+        """Pair this step's gradients (total norm `norm`, before clipping at `clip`) with the last ones."""
+        sq = norm.square()
+        if self.prev is not None:
+            dot = torch.stack([torch.dot(a.view(-1), b.view(-1)) for a, b in zip(grads, self.prev)]).sum() / self.prev_scale
+            small = (sq + self.prev_sq) / 2  # at batch b
+            big = (sq + self.prev_sq + 2 * dot) / 4  # their mean: batch 2b
+            b = self.batch
+            self.grad_sq = self.grad_sq * self.ema + (2 * big - small).double() * (1 - self.ema)
+            self.trace = self.trace * self.ema + ((small - big) * 2 * b).double() * (1 - self.ema)
+            self.updates += 1
+        self.prev, self.prev_sq = grads, sq
+        self.prev_scale = (clip / (norm + 1e-6)).clamp(max=1.0) if clip > 0 else 1.0  # what clip_grads_with_norm_ multiplies by
+
+    @property
+    def value(self) -> float:
+        """B_noise in samples (the bias corrections of the two averages cancel)."""
+        return float(self.trace / self.grad_sq)
+
+
+def torch_loop(w: Workload, noise: bool = False) -> tuple[list[float], float]:
+    """(a) The hand-written loop: nanoGPT's train.py (clipping, its LR set per step, eval and `torch.save` in features mode).
+
+    (a') with `noise`: and the noise scale measured by hand every step (`HandNoiseScale`), as regimen's features mode does.
+    """
     model, stamps = w.model, []
     model.train()
     optimizer = make_optimizer(model)
     params = list(model.parameters())
     val_x, val_y = w.val_samples() if w.features else (None, None)
+    estimate = HandNoiseScale(w.batch) if noise else None
     for step in range(w.steps):
         lr = w.lr(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = w.windows.gather(w.batch_ids(step))
-        loss = hand_step(model, params, optimizer, x, y, w.clip)
+        loss = (
+            hand_step(model, params, optimizer, x, y, w.clip)
+            if estimate is None
+            else noise_step(model, params, optimizer, x, y, w.clip, estimate)
+        )
         stamps.append(time.perf_counter())
         if w.due(step + 1):
             hand_eval(model, val_x, val_y)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, os.path.join(w.save_dir, "ckpt.pt"))
+    w.noise_scale = estimate.value if estimate is not None else None
     return stamps, float(loss.detach())
 
 
@@ -317,14 +392,21 @@ def worker(kind: str, size: str, steps: int, warmup: int, threads: int, features
     """One run of one loop in this process: tokens/s after warmup, peak RSS, last loss (and regimen's data wait)."""
     torch.set_num_threads(threads)
     waits: list[float] | None = None
+    noise_scale: list[float | None] = [None]
     if kind == "regimen":
-        stamps, loss, waits = regimen_loop(size, steps, features)
+
+        def last_noise_scale(trainer: Any, _: dict) -> None:
+            noise_scale[0] = trainer.noise.noise_scale if trainer.noise is not None else None
+
+        stamps, loss, waits = regimen_loop(size, steps, features, hooks=[last_noise_scale])
     else:
         assert not features or features == FEATURES_MODE, f"the peers run bare or with every feature, not {sorted(features)}"
         w = make_workload(size, steps, features=bool(features))
         run: Callable[[Workload], tuple[list[float], float]]
         if kind == "torch":
             run = torch_loop
+        elif kind == "torch_noise":
+            run = functools.partial(torch_loop, noise=True)
         elif kind == "lightning":
             from benchmarks.peers import lightning_loop as run
         elif kind == "hf":
@@ -333,6 +415,7 @@ def worker(kind: str, size: str, steps: int, warmup: int, threads: int, features
             raise ValueError(f"unknown loop {kind!r}; allowed: {', '.join(KINDS)}")
         try:
             stamps, loss = run(w)
+            noise_scale[0] = w.noise_scale
         finally:
             shutil.rmtree(w.save_dir, ignore_errors=True)  # the benchmark made it: 2 GB of checkpoints a run at 50M
     assert len(stamps) == steps, f"{kind}: {len(stamps)} steps timed, {steps} asked"
@@ -345,6 +428,7 @@ def worker(kind: str, size: str, steps: int, warmup: int, threads: int, features
         "ms_per_step": 1000 * seconds / (steps - warmup),
         "peak_rss_mib": peak_rss_mib(),
         "loss": loss,
+        "noise_scale": noise_scale[0],  # B_noise after the last step, where measured
         "threads": torch.get_num_threads(),
         # regimen: the seconds its steps waited for their batch, as a share of the timed steps
         "data_wait": sum(waits[warmup:]) / seconds if waits is not None else None,
@@ -364,7 +448,7 @@ def run(quick: bool) -> list[Table]:
 
     python = bench_python()
     peers = importable(python)
-    kinds = ["torch", "regimen"] + [k for k in ("lightning", "hf") if peers.get(k)]
+    every = ["torch", "regimen"] + [k for k in ("lightning", "hf") if peers.get(k)]
     repeats = rounds(quick)
     plan = QUICK_PLAN if quick else PLAN
     n_threads = threads()
@@ -372,6 +456,8 @@ def run(quick: bool) -> list[Table]:
     for mode in MODES_RUN:
         for size in SIZES_RUN:
             steps, warmup = plan[size]
+            # features: the hand-written loop also with the noise scale, regimen's like-for-like baseline.
+            kinds = [*every[:1], "torch_noise", *every[1:]] if mode == "features" else every
             results: dict[str, list[dict]] = {k: [] for k in kinds}
             for r in range(repeats):
                 for kind in kinds if r % 2 == 0 else kinds[::-1]:  # alternate the order: no loop always runs first
@@ -414,7 +500,7 @@ def _table(size: str, mode: str, results: dict[str, list[dict]], setup: str, qui
         )
     ratio = statistics.median(per_round["regimen"])
     what = (
-        "clipping, WSD, evaluation and checkpoints every quarter of the run, and (regimen only) the noise scale"
+        "clipping, WSD, evaluation and checkpoints every quarter of the run, and the noise scale (regimen and (a') only)"
         if mode == "features"
         else "constant LR, no clipping, no evaluation or checkpoint in the timed steps"
     )
@@ -423,6 +509,18 @@ def _table(size: str, mode: str, results: dict[str, list[dict]], setup: str, qui
         f"regimen / torch loop = {ratio:.3f} (rounds {spread(per_round['regimen'])}; target >= {TARGET}): "
         + ("met." if ratio >= TARGET else "**not met**."),
     ]
+    if "torch_noise" in results:
+        # Like for like: the hand-written loop doing the same work, the noise scale included.
+        same = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(results["regimen"], results["torch_noise"])]
+        cost = [1 - a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(results["torch_noise"], base)]
+        notes.append(
+            f"regimen / {LABELS['torch_noise']} = {statistics.median(same):.3f} (rounds {spread(same)}; target >= {TARGET}): "
+            + ("met." if statistics.median(same) >= TARGET else "**not met**.")
+            + f" The noise scale written by hand costs the hand-written loop {100 * statistics.median(cost):.1f}% of its "
+            f"tokens/s (rounds {100 * min(cost):.1f}-{100 * max(cost):.1f}%); B_noise at the end: by hand "
+            f"{statistics.median(r['noise_scale'] for r in results['torch_noise']):.1f}, regimen "
+            f"{statistics.median(r['noise_scale'] for r in results['regimen']):.1f} samples."
+        )
     for kind in ("lightning", "hf"):
         if kind in med:
             ahead = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(results["regimen"], results[kind])]

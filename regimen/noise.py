@@ -101,9 +101,11 @@ def _tensors_dot(a: list[torch.Tensor], b: list[torch.Tensor], dtype: torch.dtyp
         return torch.zeros((), dtype=dtype)
     parts = []
     for x, y in zip(a, b):
-        wide = torch.promote_types(x.dtype, dtype)
-        # torch.dot reads both operands once, without a temporary; narrower tensors are widened first.
-        parts.append(torch.dot(x.reshape(-1).to(wide), y.reshape(-1).to(wide)))
+        x, y = x.reshape(-1), y.reshape(-1)
+        if x.dtype != dtype or y.dtype != dtype:  # narrower tensors are widened first (`.to` costs a dispatch even when a no-op)
+            wide = torch.promote_types(torch.promote_types(x.dtype, y.dtype), dtype)
+            x, y = x.to(wide), y.to(wide)
+        parts.append(torch.dot(x, y))  # reads both operands once, without a temporary
     return _total(parts, a[0].device)
 
 

@@ -344,3 +344,23 @@ def test_consecutive_gradients_state_round_trip_pairs_bit_for_bit(scale):
     w.grad = g.clone()
     got = resumed.pair([w], batch=4)
     assert _pair_values(got) == _pair_values(want)
+
+
+def test_consecutive_gradients_pair_bf16_and_float64_gradients_in_wide_arithmetic():
+    # bf16 gradients are widened to float32 for the dot product, float64 ones stay float64, and the
+    # pair is reported in the widest: the same as the pair of the gradients taken in float64.
+    torch.manual_seed(8)
+    w = torch.nn.Parameter(torch.zeros(4096, dtype=torch.bfloat16))
+    d = torch.nn.Parameter(torch.zeros(3, dtype=F64))
+    (w1, d1), (w2, d2) = [(torch.randn(4096).bfloat16(), torch.randn(3, dtype=F64)) for _ in range(2)]
+    pairs = ConsecutiveGradients()
+    w.grad, d.grad = w1, d1
+    assert pairs.pair([w, d], batch=4) is None
+    w.grad, d.grad = w2, d2
+    p = pairs.pair([w, d], batch=4)
+    assert p is not None and p.big_sqnorm.dtype == F64
+    a, b = torch.cat([w2.double(), d2]), torch.cat([w1.double(), d1])
+    want = (((a + b) / 2).square().sum().item(), ((a.square().sum() + b.square().sum()) / 2).item())
+    # float32 sums of 4096 terms (vectorised, blocked: ~eps32 log2(n) ~ 1e-6 relative; 1e-4 is far
+    # below what bf16 arithmetic would lose, eps_bf16 = 4e-3).
+    assert (p.big_sqnorm.item(), p.small_sqnorm.item()) == pytest.approx(want, rel=1e-4)
