@@ -156,7 +156,8 @@ def timed_steps(trainer: Trainer, steps: int = STEPS, seconds: float = SECONDS) 
     """
     times = [_timed_step(trainer)]
     wanted = min(MAX_STEPS, max(steps, math.ceil(seconds / max(times[0], 1e-6))))
-    count = int(trainer.dist.all_reduce_min(torch.tensor([float(wanted)])).item())
+    # On the step's device: NCCL reduces only device tensors.
+    count = int(trainer.dist.all_reduce_min(torch.tensor([float(wanted)], device=trainer.device)).item())
     times += [_timed_step(trainer) for _ in range(count - 1)]
     return times
 

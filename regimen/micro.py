@@ -64,7 +64,8 @@ def choose_micro(strategy: Strategy, task: Any, mode: str, d: Any, device: Any, 
     if strategy.batch.micro != "auto":
         return strategy
     saved = saved_micro(run_dir) if d.is_main else 0
-    agreed_saved = int(d.all_reduce_sum(torch.tensor([saved or 0], dtype=torch.int64)).item())
+    # The flags of these all-reduces live on the step's device: NCCL reduces only device tensors.
+    agreed_saved = int(d.all_reduce_sum(torch.tensor([saved or 0], dtype=torch.int64, device=device)).item())
     if agreed_saved > 0:
         if d.is_main:
             print(f"regimen: batch.micro = auto: {agreed_saved}, as chosen when this run started (strategy.toml)", file=sys.stderr)
@@ -72,7 +73,7 @@ def choose_micro(strategy: Strategy, task: Any, mode: str, d: Any, device: Any, 
     memory, runtime, what = device_memory(strategy, task.model, device)
     choice, share = plan_micro(strategy, task, mode, d.world_size, memory, runtime, device)
     mine = choice.micro or 0  # 0: nothing fits here, and every rank must learn it together
-    agreed = int(d.all_reduce_min(torch.tensor([mine], dtype=torch.int64)).item())
+    agreed = int(d.all_reduce_min(torch.tensor([mine], dtype=torch.int64, device=device)).item())
     if agreed == 0:
         need = choice.footprint.peak / GiB
         raise UserError(

@@ -667,7 +667,8 @@ class Trainer:
         c = self.strategy.checkpoint
         due = c.every > 0 and self.progress.step % c.every == 0
         if c.every_minutes > 0:
-            flag = torch.tensor([float(due or time.perf_counter() - last_save >= 60 * c.every_minutes)] if self.is_main else [0.0])
+            late = float(due or time.perf_counter() - last_save >= 60 * c.every_minutes) if self.is_main else 0.0
+            flag = torch.tensor([late], device=self.device)  # NCCL reduces only device tensors
             due = self.dist.all_reduce_sum(flag).item() > 0
         return due
 

@@ -339,3 +339,45 @@ def test_each_torchrun_attempt_reads_only_its_own_store_keys(monkeypatch: pytest
     assert first.get("default_pg/rank_0") == b"127.0.0.1:4242"
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # rank 0 hosts a fresh store itself
     assert attempt_store(2, dist_timeout()) is None
+
+
+class _FlagDist:
+    """Two ranks whose all-reduces record the device of each flag and answer `answer`."""
+
+    enabled, is_main, world_size = True, True, 2
+
+    def __init__(self, answer: float) -> None:
+        self.answer, self.devices = answer, []
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        self.devices.append(t.device)
+        return torch.full(t.shape, self.answer, dtype=t.dtype)
+
+    all_reduce_min = all_reduce_sum
+
+
+def test_the_agreement_flags_are_reduced_on_the_steps_device(tmp_path: Path) -> None:
+    # NCCL reduces only device tensors: a flag made on the CPU fails every multi-GPU run that
+    # reaches it (batch.micro = "auto", checkpoint.every_minutes). A meta device stands in for a GPU.
+    from types import SimpleNamespace
+
+    from regimen.micro import choose_micro
+    from regimen.strategy import Strategy
+    from regimen.trainer import Trainer
+
+    meta = torch.device("meta")
+    (tmp_path / "strategy.toml").write_text("[batch]\nmicro = 4\n")  # a run that chose 4 at its start
+    d = _FlagDist(answer=4)
+    s = Strategy.load(None, ["batch.size=8", "batch.micro=auto"])
+    assert choose_micro(s, None, "ddp", d, meta, tmp_path).batch.micro == 4
+    assert d.devices == [meta]
+    d = _FlagDist(answer=1)
+    trainer = SimpleNamespace(
+        strategy=SimpleNamespace(checkpoint=SimpleNamespace(every=0, every_minutes=1.0)),
+        progress=SimpleNamespace(step=3),
+        is_main=True,
+        dist=d,
+        device=meta,
+    )
+    assert Trainer._checkpoint_due(trainer, last_save=0.0)  # type: ignore[arg-type]
+    assert d.devices == [meta]

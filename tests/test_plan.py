@@ -390,6 +390,7 @@ class _FakeDist:
 class _SleepingTrainer:
     def __init__(self, step_s: float, others_want: int = 10**6) -> None:
         self.dist, self.step_s, self.steps = _FakeDist(others_want), step_s, 0
+        self.device = torch.device("cpu")
 
     def train_step(self) -> None:
         time.sleep(self.step_s)
