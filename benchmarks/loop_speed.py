@@ -206,29 +206,23 @@ def make_optimizer(model: Any) -> Any:
 # ---- the loops (each returns the time after every step and the last loss) --------------------
 
 
-def hand_step(model: Any, params: list, optimizer: Any, x: Any, y: Any, clip: float) -> Any:
-    """One step of the hand-written loop: forward, loss, backward, clip (when `clip` > 0), step, zero_grad."""
+def hand_step(model: Any, params: list, optimizer: Any, x: Any, y: Any, clip: float, estimate: HandNoiseScale | None = None) -> Any:
+    """One step of the hand-written loop: forward, loss, backward, clip (when `clip` > 0), step, zero_grad.
+
+    With `estimate` (loop (a')): the norm first, the noise-scale pair before clipping (which scales the gradients).
+    """
     logits = model(x)
     loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
     loss.backward()
-    if clip > 0:
+    if estimate is not None:
+        grads = [p.grad for p in params]
+        with torch.no_grad():
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            estimate.step(grads, norm, clip)
+            if clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, clip, norm, foreach=True)  # = clip_grad_norm_ with the norm known
+    elif clip > 0:
         torch.nn.utils.clip_grad_norm_(params, clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss
-
-
-def noise_step(model: Any, params: list, optimizer: Any, x: Any, y: Any, clip: float, estimate: HandNoiseScale) -> Any:
-    """`hand_step` with the noise scale: the norm first, the pair before clipping (which scales the gradients)."""
-    logits = model(x)
-    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
-    loss.backward()
-    grads = [p.grad for p in params]
-    with torch.no_grad():
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        estimate.step(grads, norm, clip)
-        if clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, clip, norm, foreach=True)  # = clip_grad_norm_ with the norm known
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
@@ -258,7 +252,6 @@ class HandNoiseScale:
         self.prev_scale: Any = None  # clipping multiplied the kept gradient in place by this
         self.grad_sq = torch.zeros((), dtype=torch.float64)
         self.trace = torch.zeros((), dtype=torch.float64)
-        self.updates = 0
 
     def step(self, grads: list[Any], norm: Any, clip: float) -> None:
         """Pair this step's gradients (total norm `norm`, before clipping at `clip`) with the last ones."""
@@ -270,7 +263,6 @@ class HandNoiseScale:
             b = self.batch
             self.grad_sq = self.grad_sq * self.ema + (2 * big - small).double() * (1 - self.ema)
             self.trace = self.trace * self.ema + ((small - big) * 2 * b).double() * (1 - self.ema)
-            self.updates += 1
         self.prev, self.prev_sq = grads, sq
         self.prev_scale = (clip / (norm + 1e-6)).clamp(max=1.0) if clip > 0 else 1.0  # what clip_grads_with_norm_ multiplies by
 
@@ -296,11 +288,7 @@ def torch_loop(w: Workload, noise: bool = False) -> tuple[list[float], float]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = w.windows.gather(w.batch_ids(step))
-        loss = (
-            hand_step(model, params, optimizer, x, y, w.clip)
-            if estimate is None
-            else noise_step(model, params, optimizer, x, y, w.clip, estimate)
-        )
+        loss = hand_step(model, params, optimizer, x, y, w.clip, estimate)
         stamps.append(time.perf_counter())
         if w.due(step + 1):
             hand_eval(model, val_x, val_y)

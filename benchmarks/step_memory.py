@@ -33,7 +33,6 @@ import os
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -104,14 +103,7 @@ def worker(overrides: list[str], steps: int, isolate: bool, seconds: float = 0.0
         host_memory.keep_freed_memory()  # what `Trainer.fit` does on a CPU: no page faults once warm
     trainer.train_step()  # creates the optimizer's state
     Path("/proc/self/clear_refs").write_text("5")  # the peak of the steps below only
-    if seconds:
-        times = timed_steps(trainer, steps, seconds)  # as `regimen plan --calibrate` times its steps
-    else:
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            trainer.train_step()
-            times.append(time.perf_counter() - t0)
+    times = timed_steps(trainer, steps, seconds)  # as `regimen plan --calibrate` times its steps (`steps` when `seconds` is 0)
     mine = torch.tensor(
         [_status("VmHWM") - baseline, _status("VmHWM"), statistics.median(times), _status("RssFile") - file_before], dtype=torch.float64
     )
