@@ -181,7 +181,7 @@ def time_table(quick: bool) -> Table:
     from regimen.estimate import Layout
 
     rows: list[list[Any]] = []
-    errors, calibrated_errors = [], []
+    errors, calibrated_errors, repeats = [], [], []
     groups: dict[tuple[str, str, int], list[tuple[str, str]]] = {}
     for size, opt, mode, n, ckpt in matrix(quick):
         groups.setdefault((size, opt, n), []).append((mode, ckpt))
@@ -203,6 +203,8 @@ def time_table(quick: bool) -> Table:
             errors.append(abs(err))
             calibrated_errors.append(abs(cal_err))
             label = layouts[mode, ckpt].label()
+            if label in ran:  # calibrated, its prediction is the calibration's measurement: two runs of one configuration
+                repeats.append(cal_err)
             label = f"{size} {opt} {label}" + (" (calibration)" if label in ran else "")
             rows.append([label, measured * 1e3, predicted[mode, ckpt] * 1e3, err * 100, cal_err * 100])
     worst, worst_cal = max(errors, default=0.0), max(calibrated_errors, default=0.0)
@@ -220,13 +222,19 @@ def time_table(quick: bool) -> Table:
             "(operands touched just before in cache, the others and the output not), smaller ops at the measured "
             "memory bandwidth, plus a per-op cost measured on a tiny training step, plus communication without overlap: gloo's "
             "all-reduce, all-gather and reduce-scatter timed here beside computing threads (latency + bandwidth) for each DDP "
-            "bucket and FSDP2 unit.",
+            "bucket and FSDP2 unit, and FSDP2's own work: its copies at the memory bandwidth, its hooks' time per unit and "
+            "parameter and DTensor's per update op, timed on tiny models in a one-rank group.",
             "After --calibrate: the same plan's rows after `Planner.calibrate` (what `regimen plan --calibrate` does): one rank's "
             "step alone scales compute; with 2 devices, each of ddp and fsdp trained by its 2 processes (its fastest row, marked "
             "'calibration') scales that mode's rows. Those runs are the plan's own; every error is against this table's separate "
             "measurement.",
             f"Worst error {worst:.1%} (goal <= {TIME_GOAL:.0%}: {'met' if worst <= TIME_GOAL else '**not met**'}); after "
-            f"calibration {worst_cal:.1%} (goal <= {CALIBRATED_GOAL:.0%}: {'met' if worst_cal <= CALIBRATED_GOAL else '**not met**'}).",
+            f"calibration {worst_cal:.1%} (goal <= {CALIBRATED_GOAL:.0%}: {'met' if worst_cal <= CALIBRATED_GOAL else '**not met**'}); "
+            f"{sum(e <= TIME_GOAL for e in errors)} and {sum(e <= CALIBRATED_GOAL for e in calibrated_errors)} of {len(errors)} rows "
+            "within each.",
+            "Repeatability: on a row marked 'calibration' the calibrated prediction is the calibration's own measurement, so its "
+            "error there is how far two measurements of one configuration a minute apart differ: "
+            + (f"{min(repeats):+.1%} to {max(repeats):+.1%} in this run." if repeats else "none in this run."),
         ],
     )
 

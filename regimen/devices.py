@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import itertools
 import math
 import os
@@ -211,6 +212,23 @@ class Collective:
         return self.latency_s + nbytes / self.bytes_per_s
 
 
+@dataclass(frozen=True)
+class FSDPCost:
+    """Host seconds FSDP2's own work adds to a step beyond its collectives and copies (see `fsdp_overhead`).
+
+    Example:
+        >>> FSDPCost(unit_s=5e-4, param_s=2e-5, dtensor_op_s=1e-5).micro_batch_seconds(units=5, params=50)
+        0.0035
+    """
+
+    unit_s: float  # per unit and micro-batch: its pre-/post-forward and -backward hooks
+    param_s: float  # per parameter and micro-batch: its share of those hooks (views, DTensor wrapping)
+    dtensor_op_s: float  # per op of the update: DTensor's dispatch around each op on sharded tensors
+
+    def micro_batch_seconds(self, units: int, params: int) -> float:
+        return units * self.unit_s + params * self.param_s
+
+
 @dataclass
 class Speed:
     """Seconds per op: measured here (`measure`) or predicted from a datasheet (`from_datasheet`)."""
@@ -226,6 +244,8 @@ class Speed:
     # all_reduce / all_gather / reduce_scatter among the ranks, timed here (`measure_collectives`);
     # empty: a collective moves its bytes at `link` with no latency
     collectives: dict[str, Collective] = field(default_factory=dict)
+    # FSDP2's own host work beside its collectives, timed here (`fsdp_overhead`); None: unmeasured
+    fsdp: FSDPCost | None = None
 
     def compute_seconds(self, key: Any, flops: float) -> float:
         """The time of one compute op: its own timing, else its FLOPs at the fallback throughput."""
@@ -300,6 +320,68 @@ def dispatch_overhead() -> tuple[float, float]:
     tally = recorder.tally
     per_op = max(seconds - tally.module_calls * per_call, 0.0) / max(tally.ops, 1)
     return per_op, per_call
+
+
+def fsdp_overhead() -> FSDPCost | None:
+    """FSDP2's own host work on this host, timed on tiny models in a one-rank gloo group (None when it cannot be).
+
+    Beside its collectives (timed apart, `measure_collectives`) and the copies into and out of
+    their buffers (priced at the memory bandwidth, `regimen.estimate.fsdp_copy_bytes`), FSDP2
+    runs Python hooks around every unit's forward and backward and wraps each gradient as a
+    DTensor, and every op of the update dispatches through DTensor. Two models of 8 units of
+    4-wide linear layers (2 and 8 parameters a unit: their arithmetic and bytes negligible) are
+    timed forward and backward with and without `fully_shard` on a group of one rank (its
+    collectives cost next to nothing): the two differences give the cost per unit and per
+    parameter; the second model's SGD update with and without sharding, over the ops
+    `regimen.trace.Recorder` counts in it, the cost per update op. Measured in the plan's own
+    process; skipped (None) when it already belongs to a process group.
+    """
+    import copy
+
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()) or dist.is_initialized():
+        return None
+    from torch.distributed.fsdp import fully_shard
+
+    from regimen.trace import Recorder
+
+    dist.init_process_group("gloo", store=dist.PrefixStore("regimen-plan-fsdp", dist.HashStore()), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(2, 4)
+
+        def forward_backward(model: torch.nn.Module) -> None:
+            model(x).square().mean().backward()
+
+        blocks = 8
+        extra: dict[int, float] = {}  # parameters a block -> seconds FSDP2 adds to the model's forward and backward
+        plain_update = sharded_update = 0.0
+        ops = 1
+        for layers in (1, 4):
+            plain = torch.nn.Sequential(*(torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(layers))) for _ in range(blocks)))
+            sharded = copy.deepcopy(plain)
+            for block in sharded:
+                fully_shard(block)
+            fully_shard(sharded)
+            seconds = [_median_seconds(functools.partial(forward_backward, m), lambda: None, 15) for m in (plain, sharded)]
+            extra[2 * layers] = seconds[1] - seconds[0]
+            if layers == 4:
+                optimizers = [torch.optim.SGD(m.parameters(), lr=1e-6, momentum=0.9, foreach=False) for m in (plain, sharded)]
+                for o in optimizers:
+                    o.step()  # momentum buffers made
+                with Recorder() as recorder:
+                    optimizers[0].step()
+                ops = max(recorder.tally.ops, 1)
+                plain_update, sharded_update = (_median_seconds(o.step, lambda: None, 15) for o in optimizers)
+        # extra[p] = (blocks + 1) * unit_s + blocks * p * param_s: the root is a unit too, holding no parameter.
+        (p1, e1), (p2, e2) = sorted(extra.items())
+        param_s = max((e2 - e1) / (blocks * (p2 - p1)), 0.0)
+        unit_s = max((e1 - blocks * p1 * param_s) / (blocks + 1), 0.0)
+        return FSDPCost(unit_s=unit_s, param_s=param_s, dtensor_op_s=max(sharded_update - plain_update, 0.0) / ops)
+    finally:
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager

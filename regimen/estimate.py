@@ -34,6 +34,11 @@ DDP all-reduces the gradients bucket by bucket; FSDP2 all-gathers each block's p
 its forward and again for its backward and reduce-scatters its gradients. Between CPU processes
 of this host each collective is timed here (gloo, latency + bandwidth: `ddp_communication`,
 `fsdp_communication`); for an accelerator the bytes move at the link's datasheet bandwidth.
+FSDP2's own work is counted with its communication (`fsdp_own_work`): the copies into and out
+of the collectives' buffers at the memory bandwidth, and its hooks' host time per unit and
+parameter, timed on this host (`regimen.devices.fsdp_overhead`); every op of an FSDP2 rank's
+update dispatches through DTensor (a further cost per op, timed there too) while its arithmetic
+covers the rank's shards only.
 
 Example:
     >>> fits(Footprint(params=1, grads=1, optimizer=2, activations=4, buffers=0, runtime=0), memory=8)
@@ -395,19 +400,23 @@ def footprint(trace: PolicyTrace, layout: Layout, share: int, runtime: Runtime, 
     return fp
 
 
-def phase_seconds(tally: Tally, speed: Speed, host_is_device: bool) -> float:
-    """Seconds of a traced stretch on a device of `speed` (see the module docstring)."""
+def phase_seconds(tally: Tally, speed: Speed, host_is_device: bool, device_share: float = 1.0, extra_host: float = 0.0) -> float:
+    """Seconds of a traced stretch on a device of `speed` (see the module docstring).
+
+    `device_share`: the part of its arithmetic this rank does (an FSDP2 rank updates its shards
+    alone), while it dispatches every op; `extra_host`: host seconds beyond the ops' dispatch.
+    """
     compute = sum(n * speed.compute_seconds(k, tally.flops_of[k]) for k, n in tally.compute.items())
     large = sum(n * speed.op_seconds.get(k, tally.bytes_of[k] / speed.bandwidth) for k, n in tally.large.items())
-    device = compute + large + tally.memory_bytes / speed.bandwidth
-    host = tally.ops * speed.overhead_s + tally.module_calls * speed.module_call_s
+    device = (compute + large + tally.memory_bytes / speed.bandwidth) * device_share
+    host = tally.ops * speed.overhead_s + tally.module_calls * speed.module_call_s + extra_host
     # A CPU dispatches and computes on the same threads; an accelerator overlaps them.
     return device + host if host_is_device else max(device, host)
 
 
 @dataclass
 class StepTime:
-    """Seconds of one step: compute (traced ops) and communication."""
+    """Seconds of one step: compute (traced ops) and communication (collectives, and FSDP2's own work around them)."""
 
     compute: float
     communication: float
@@ -433,19 +442,23 @@ def step_time(
 
     last = share - (k - 1) * m  # the last micro-batch may be smaller
     micro_time = at(trace.first, m if k > 1 else share) + max(k - 2, 0) * at(trace.later, m) + (at(trace.later, last) if k > 1 else 0.0)
-    update = phase_seconds(trace.update.tally, speed, host_is_device)
     st = trace.state
     comm = 0.0
     if layout.mode == "fsdp":
         # Each rank updates its shards, except where the update needs whole matrices (Muon's
-        # Newton-Schulz dominates its step): there every rank repeats all of it.
-        update = update if any(p.whole_update for p in st.params) else update / n
-        comm = fsdp_communication(st, n, k, speed, fsdp_bf16)
+        # Newton-Schulz dominates its step): there every rank repeats all of it. Every rank
+        # dispatches every op of the update, each through DTensor.
+        share_of_update = 1.0 if any(p.whole_update for p in st.params) else 1.0 / n
+        dtensor = trace.update.tally.ops * speed.fsdp.dtensor_op_s if speed.fsdp else 0.0
+        update = phase_seconds(trace.update.tally, speed, host_is_device, share_of_update, dtensor)
+        comm = fsdp_communication(st, n, k, speed, fsdp_bf16) + fsdp_own_work(st, n, k, speed, fsdp_bf16)
         if layout.offload and not host_is_device:
             params, grads, _ = st.sharded(n)
             comm += (2 * params + grads) / speed.host_link
-    elif layout.mode == "ddp":
-        comm = ddp_communication(st.grad_bytes, n, speed)
+    else:
+        update = phase_seconds(trace.update.tally, speed, host_is_device)
+        if layout.mode == "ddp":
+            comm = ddp_communication(st.grad_bytes, n, speed)
     comm += sync_communication(layout.mode, n, speed)
     return StepTime((micro_time + update) * scale, comm)
 
@@ -514,6 +527,30 @@ def fsdp_communication(st: StateCount, n: int, micro_batches: int, speed: Speed,
         + sum(all_gather.seconds(b) for b in whole)
         + sum(reduce_scatter.seconds(b) for b in reduced.values())
     )
+
+
+def fsdp_copy_bytes(st: StateCount, n: int, micro_batches: int, fsdp_bf16: bool) -> float:
+    """Bytes FSDP2 reads and writes copying into and out of its collectives' buffers in a step.
+
+    Each gather copies the rank's shard into the all-gather's input and the gathered buffer out
+    into the unsharded parameters (a block twice a micro-batch, the root once, as
+    `fsdp_communication` counts them); after the last backward each unit's unsharded gradients
+    are copied into the reduce-scatter's input and the reduced shard into the sharded gradient.
+    A copy reads and writes its bytes.
+    """
+    gathered = st.per_unit(lambda p: 2 if fsdp_bf16 else p.element_size)
+    reduced = st.per_unit(lambda p: 4 if fsdp_bf16 else p.grad_element_size)
+    gathers = sum(micro_batches * (1 if u < 0 else 2) * b for u, b in gathered.items())
+    return 2 * (gathers * (1 + 1 / n) + sum(reduced.values()) * (1 + 1 / n))
+
+
+def fsdp_own_work(st: StateCount, n: int, micro_batches: int, speed: Speed, fsdp_bf16: bool) -> float:
+    """Seconds of FSDP2's own work in a step beside its collectives: its copies at the memory
+    bandwidth and its hooks' host time per unit and parameter (`regimen.devices.fsdp_overhead`;
+    the copies alone where that is unmeasured)."""
+    units = len(st.per_unit(lambda p: 1) | {-1: 0})  # the root is a unit even when it holds no parameter
+    hooks = micro_batches * speed.fsdp.micro_batch_seconds(units, len(st.params)) if speed.fsdp else 0.0
+    return fsdp_copy_bytes(st, n, micro_batches, fsdp_bf16) / speed.bandwidth + hooks
 
 
 # ---- batch sizes -------------------------------------------------------------------------

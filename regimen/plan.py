@@ -312,6 +312,10 @@ class Planner:
                     self.trace(pol)
                 self.trace(self.given_layout().checkpointing)
             self._speed = self._measure_speed()
+            if any(mode == "fsdp" for mode, _, _ in self.layouts()):
+                # FSDP2's hooks run on this host whatever the device; timed with a rank's threads.
+                with devices.torch_threads(self.threads() if self.target.host_is_device else torch.get_num_threads()):
+                    self._speed.fsdp = devices.fsdp_overhead()
         return self._speed
 
     def _measure_speed(self) -> devices.Speed:
@@ -363,6 +367,14 @@ class Planner:
                 f"step time: predicted from the datasheet ({devices.MATMUL_EFFICIENCY:.0%} of peak FLOP/s for matmuls, "
                 f"{devices.BANDWIDTH_EFFICIENCY:.0%} of memory bandwidth), unmeasured"
             )
+        if speed.fsdp is not None:
+            f = speed.fsdp
+            how += (
+                f"; FSDP2's own work: its copies at the memory bandwidth, hooks {f.unit_s * 1e3:.2f} ms a unit + "
+                f"{f.param_s * 1e6:.0f} us a parameter a micro-batch, {f.dtensor_op_s * 1e6:.1f} us more an update op (DTensor), timed here"
+            )
+        elif any(mode == "fsdp" for mode, _, _ in self.layouts()):
+            how += "; FSDP2's hooks unmeasured (no one-rank gloo group could be made in this process): its copies alone priced"
         rt = self.runtime()
         notes = [
             "params, grads and optim are counted exactly from the real tensors' shapes; activations (with the backward's and "
