@@ -548,7 +548,14 @@ def _spec_bytes(spec: Any) -> int:
 
 
 def _materialize(key: Any, device: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Real tensors of the traced shapes, strides and dtypes (random values) for timing an op."""
+    """Real tensors of the traced shapes, strides and dtypes (random values) for timing an op.
+
+    Floating values are drawn from [0.5, 1.5): finite, positive and away from zero, as the
+    operands of a step's sqrt and log are (Adam's second moment, a softmax's sums). On normal
+    values half of them would be negative, and sqrt or log of a negative number takes the CPU's
+    NaN path: 30x slower here (5.7 ms against 0.17 ms for sqrt over 590k floats), which priced
+    schedule-free AdamW's step 11-15% over the measured one.
+    """
     import torch
 
     from regimen.trace import TensorSpec
@@ -556,7 +563,7 @@ def _materialize(key: Any, device: Any) -> tuple[tuple[Any, ...], dict[str, Any]
     def build(item: Any) -> Any:
         if isinstance(item, TensorSpec):
             t = torch.empty_strided(item.shape, item.stride, dtype=item.dtype, device=device)
-            return t.normal_() if t.is_floating_point() else t.zero_()
+            return t.uniform_(0.5, 1.5) if t.is_floating_point() else t.zero_()
         if isinstance(item, tuple):
             return tuple(build(x) for x in item)
         return item

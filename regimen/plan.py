@@ -314,7 +314,7 @@ class Planner:
             self._speed = self._measure_speed()
             if any(mode == "fsdp" for mode, _, _ in self.layouts()):
                 # FSDP2's hooks run on this host whatever the device; timed with a rank's threads.
-                with devices.torch_threads(self.threads() if self.target.host_is_device else torch.get_num_threads()):
+                with devices.torch_threads(self.threads()):
                     self._speed.fsdp = devices.fsdp_overhead()
         return self._speed
 

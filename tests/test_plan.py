@@ -434,6 +434,22 @@ def test_fsdp_hooks_are_timed_in_a_one_rank_group_that_is_then_gone() -> None:
         dist.destroy_process_group()
 
 
+def test_ops_are_timed_on_values_a_step_computes_them_on() -> None:
+    """sqrt and log of a negative number take the CPU's NaN path (30x slower here): the timed
+    operands are finite and positive, as Adam's second moment and a softmax's sums are."""
+    from regimen.trace import OpKey, TensorSpec
+
+    spec = TensorSpec((64, 32), (32, 1), torch.float32, False)
+    for op in (torch.ops.aten.sqrt.default, torch.ops.aten.log.default):
+        args, _ = devices._materialize(OpKey(op, (spec, (spec, spec)), ()), torch.device("cpu"))
+        operands = [args[0], *args[1]]
+        assert all(t.shape == (64, 32) and bool((t > 0).all()) for t in operands)
+        assert bool(op(args[0]).isfinite().all())
+    index = TensorSpec((8,), (1,), torch.int64, False)
+    (indices,), _ = devices._materialize(OpKey(torch.ops.aten.embedding.default, (index,), ()), torch.device("cpu"))
+    assert indices.tolist() == [0] * 8  # a valid index into any table
+
+
 def test_collectives_are_timed_among_threads_of_this_process() -> None:
     timed = devices.measure_collectives(2, repeats=2)
     assert sorted(timed) == ["all_gather", "all_reduce", "reduce_scatter"]
