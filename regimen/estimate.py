@@ -34,11 +34,11 @@ DDP all-reduces the gradients bucket by bucket; FSDP2 all-gathers each block's p
 its forward and again for its backward and reduce-scatters its gradients. Between CPU processes
 of this host each collective is timed here (gloo, latency + bandwidth: `ddp_communication`,
 `fsdp_communication`); for an accelerator the bytes move at the link's datasheet bandwidth.
-FSDP2's own work is counted with its communication (`fsdp_own_work`): the copies into and out
-of the collectives' buffers at the memory bandwidth, and its hooks' host time per unit and
-parameter, timed on this host (`regimen.devices.fsdp_overhead`); every op of an FSDP2 rank's
-update dispatches through DTensor (a further cost per op, timed there too) while its arithmetic
-covers the rank's shards only.
+FSDP2's own work: its copies into and out of the collectives' buffers, at the memory bandwidth,
+with its communication (`fsdp_copy_bytes`); its hooks' host time per unit and parameter, timed on
+this host (`regimen.devices.fsdp_overhead`), with each micro-batch's host time
+(`fsdp_hook_seconds`); every op of an FSDP2 rank's update dispatches through DTensor (a further
+cost per op, timed there too) while its arithmetic covers the rank's shards only.
 
 Example:
     >>> fits(Footprint(params=1, grads=1, optimizer=2, activations=4, buffers=0, runtime=0), memory=8)
@@ -400,23 +400,32 @@ def footprint(trace: PolicyTrace, layout: Layout, share: int, runtime: Runtime, 
     return fp
 
 
-def phase_seconds(tally: Tally, speed: Speed, host_is_device: bool, device_share: float = 1.0, extra_host: float = 0.0) -> float:
-    """Seconds of a traced stretch on a device of `speed` (see the module docstring).
-
-    `device_share`: the part of its arithmetic this rank does (an FSDP2 rank updates its shards
-    alone), while it dispatches every op; `extra_host`: host seconds beyond the ops' dispatch.
-    """
+def phase_parts(tally: Tally, speed: Speed) -> tuple[float, float]:
+    """(device seconds, host seconds) of a traced stretch on a device of `speed` (see the module docstring)."""
     compute = sum(n * speed.compute_seconds(k, tally.flops_of[k]) for k, n in tally.compute.items())
     large = sum(n * speed.op_seconds.get(k, tally.bytes_of[k] / speed.bandwidth) for k, n in tally.large.items())
-    device = (compute + large + tally.memory_bytes / speed.bandwidth) * device_share
-    host = tally.ops * speed.overhead_s + tally.module_calls * speed.module_call_s + extra_host
+    device = compute + large + tally.memory_bytes / speed.bandwidth
+    return device, tally.ops * speed.overhead_s + tally.module_calls * speed.module_call_s
+
+
+def _combined(device: float, host: float, host_is_device: bool) -> float:
     # A CPU dispatches and computes on the same threads; an accelerator overlaps them.
     return device + host if host_is_device else max(device, host)
 
 
+def phase_seconds(tally: Tally, speed: Speed, host_is_device: bool, device_share: float = 1.0, extra_host: float = 0.0) -> float:
+    """Seconds of a traced stretch on a device of `speed`.
+
+    `device_share`: the part of its arithmetic this rank does (an FSDP2 rank updates its shards
+    alone), while it dispatches every op; `extra_host`: host seconds beyond the ops' dispatch.
+    """
+    device, host = phase_parts(tally, speed)
+    return _combined(device * device_share, host + extra_host, host_is_device)
+
+
 @dataclass
 class StepTime:
-    """Seconds of one step: compute (traced ops) and communication (collectives, and FSDP2's own work around them)."""
+    """Seconds of one step: compute (traced ops, with FSDP2's hooks) and communication (collectives, with FSDP2's copies)."""
 
     compute: float
     communication: float
@@ -432,17 +441,23 @@ def step_time(
     """Seconds per step of `layout` with a rank share of `share` samples; `scale` corrects compute (calibration)."""
     n, m = layout.devices, layout.micro
     k = max(1, math.ceil(share / m))
+    st = trace.state
+    # FSDP2's hooks run on the host every micro-batch, whatever its size (`fsdp_hook_seconds`).
+    hooks = fsdp_hook_seconds(st, speed) if layout.mode == "fsdp" else 0.0
 
     def at(phases: dict[int, Phase], size: float) -> float:
+        """A micro-batch of `size` samples: device and host time each linear through the traced sizes."""
         sizes = sorted(phases)
-        times = [phase_seconds(phases[s].tally, speed, host_is_device) for s in sizes]
+        parts = [phase_parts(phases[s].tally, speed) for s in sizes]
         if len(sizes) == 1:
-            return times[0] * size / sizes[0]
-        return times[0] + (size - sizes[0]) * (times[-1] - times[0]) / (sizes[-1] - sizes[0])
+            device, host = (x * size / sizes[0] for x in parts[0])
+        else:
+            w = (size - sizes[0]) / (sizes[-1] - sizes[0])
+            device, host = (a + w * (b - a) for a, b in zip(parts[0], parts[-1], strict=True))
+        return _combined(device, host + hooks, host_is_device)
 
     last = share - (k - 1) * m  # the last micro-batch may be smaller
     micro_time = at(trace.first, m if k > 1 else share) + max(k - 2, 0) * at(trace.later, m) + (at(trace.later, last) if k > 1 else 0.0)
-    st = trace.state
     comm = 0.0
     if layout.mode == "fsdp":
         # Each rank updates its shards, except where the update needs whole matrices (Muon's
@@ -451,7 +466,7 @@ def step_time(
         share_of_update = 1.0 if any(p.whole_update for p in st.params) else 1.0 / n
         dtensor = trace.update.tally.ops * speed.fsdp.dtensor_op_s if speed.fsdp else 0.0
         update = phase_seconds(trace.update.tally, speed, host_is_device, share_of_update, dtensor)
-        comm = fsdp_communication(st, n, k, speed, fsdp_bf16) + fsdp_own_work(st, n, k, speed, fsdp_bf16)
+        comm = fsdp_communication(st, n, k, speed, fsdp_bf16) + fsdp_copy_bytes(st, n, k, fsdp_bf16) / speed.bandwidth
         if layout.offload and not host_is_device:
             params, grads, _ = st.sharded(n)
             comm += (2 * params + grads) / speed.host_link
@@ -544,13 +559,13 @@ def fsdp_copy_bytes(st: StateCount, n: int, micro_batches: int, fsdp_bf16: bool)
     return 2 * (gathers * (1 + 1 / n) + sum(reduced.values()) * (1 + 1 / n))
 
 
-def fsdp_own_work(st: StateCount, n: int, micro_batches: int, speed: Speed, fsdp_bf16: bool) -> float:
-    """Seconds of FSDP2's own work in a step beside its collectives: its copies at the memory
-    bandwidth and its hooks' host time per unit and parameter (`regimen.devices.fsdp_overhead`;
-    the copies alone where that is unmeasured)."""
+def fsdp_hook_seconds(st: StateCount, speed: Speed) -> float:
+    """Host seconds of FSDP2's hooks in a micro-batch: per unit and parameter, timed on this host
+    (`regimen.devices.fsdp_overhead`; 0 where unmeasured)."""
+    if speed.fsdp is None:
+        return 0.0
     units = len(st.per_unit(lambda p: 1) | {-1: 0})  # the root is a unit even when it holds no parameter
-    hooks = micro_batches * speed.fsdp.micro_batch_seconds(units, len(st.params)) if speed.fsdp else 0.0
-    return fsdp_copy_bytes(st, n, micro_batches, fsdp_bf16) / speed.bandwidth + hooks
+    return speed.fsdp.micro_batch_seconds(units, len(st.params))
 
 
 # ---- batch sizes -------------------------------------------------------------------------

@@ -375,25 +375,21 @@ def test_communication_pays_each_collectives_latency() -> None:
 def test_fsdp_own_work_is_its_copies_at_the_bandwidth_and_its_hooks_per_unit_and_parameter() -> None:
     """Each gather copies a rank's shard in and the gathered unit out (a block twice a micro-batch,
     the root once); the gradients are copied into the reduce-scatter and its shard out once a step;
-    a copy reads and writes. The hooks cost a unit's and a parameter's time every micro-batch."""
+    a copy reads and writes. The hooks cost a unit's and a parameter's host time every micro-batch."""
     blocks, k, n = 3, 2, 2
     params = [estimate.ParamState((64, 64), 4, 4, (), unit=u) for u in range(blocks) for _ in range(2)]
     params.append(estimate.ParamState((100, 64), 4, 4, (), unit=-1))
     st = estimate.StateCount(params)
     block, root = 2 * 64 * 64 * 4, 100 * 64 * 4
     gathered = k * (2 * blocks * block + root)
-    expected_bytes = 2 * (gathered + st.grad_bytes) * (1 + 1 / n)
-    assert estimate.fsdp_copy_bytes(st, n, k, fsdp_bf16=False) == pytest.approx(expected_bytes)
+    assert estimate.fsdp_copy_bytes(st, n, k, fsdp_bf16=False) == pytest.approx(2 * (gathered + st.grad_bytes) * (1 + 1 / n))
     speed = devices.Speed(0.0, 1e9, 1e9, 1e9, 1e9, True)
-    assert estimate.fsdp_own_work(st, n, k, speed, fsdp_bf16=False) == pytest.approx(expected_bytes / 1e9)  # hooks unmeasured
+    assert estimate.fsdp_hook_seconds(st, speed) == 0.0  # unmeasured
     speed.fsdp = devices.FSDPCost(unit_s=1.0, param_s=0.01, dtensor_op_s=0.0)
-    hooks = k * ((blocks + 1) * 1.0 + len(params) * 0.01)
-    assert estimate.fsdp_own_work(st, n, k, speed, fsdp_bf16=False) == pytest.approx(expected_bytes / 1e9 + hooks)
+    assert estimate.fsdp_hook_seconds(st, speed) == pytest.approx((blocks + 1) * 1.0 + len(params) * 0.01)
     # A root holding no parameter is a unit all the same.
     only_blocks = estimate.StateCount(params[:-1])
-    assert estimate.fsdp_own_work(only_blocks, n, 1, speed, fsdp_bf16=False) == pytest.approx(
-        estimate.fsdp_copy_bytes(only_blocks, n, 1, fsdp_bf16=False) / 1e9 + (blocks + 1) * 1.0 + (len(params) - 1) * 0.01
-    )
+    assert estimate.fsdp_hook_seconds(only_blocks, speed) == pytest.approx((blocks + 1) * 1.0 + (len(params) - 1) * 0.01)
 
 
 def test_an_fsdp_rank_dispatches_every_update_op_through_dtensor_and_computes_its_shard(corpus: Path) -> None:
@@ -410,11 +406,29 @@ def test_an_fsdp_rank_dispatches_every_update_op_through_dtensor_and_computes_it
     # On an accelerator dispatch overlaps the arithmetic: the longer of the two.
     assert estimate.phase_seconds(update, speed, False, 0.5, 3.0) == pytest.approx(max((whole - dispatch) / 2, dispatch + 3.0))
     base = p.step(layout, p.share, speed)
+    copies = estimate.fsdp_copy_bytes(trace.state, 2, 1, fsdp_bf16=False) / speed.bandwidth
+    assert base.communication == pytest.approx(estimate.fsdp_communication(trace.state, 2, 1, speed, False) + copies)
     speed.fsdp = devices.FSDPCost(unit_s=0.0, param_s=0.0, dtensor_op_s=1.0)
     assert p.step(layout, p.share, speed).total - base.total == pytest.approx(update.ops * 1.0)
+    # The hooks are host time of each micro-batch: added to its compute on a CPU, once per micro-batch.
     speed.fsdp = devices.FSDPCost(unit_s=1.0, param_s=0.0, dtensor_op_s=0.0)
     units = len(trace.state.per_unit(lambda _: 1) | {-1: 0})
-    assert p.step(layout, p.share, speed).communication - base.communication == pytest.approx(units * 1.0)
+    with_hooks = p.step(layout, p.share, speed)
+    assert with_hooks.communication == pytest.approx(base.communication)
+    assert with_hooks.compute - base.compute == pytest.approx(units * 1.0)
+    two_micro = replace(layout, micro=max(1, p.share // 2))
+    k = math.ceil(p.share / two_micro.micro)
+    speed.fsdp = None
+    plain_two = p.step(two_micro, p.share, speed)
+    speed.fsdp = devices.FSDPCost(unit_s=1.0, param_s=0.0, dtensor_op_s=0.0)
+    assert p.step(two_micro, p.share, speed).compute - plain_two.compute == pytest.approx(k * units * 1.0)
+    # On an accelerator the hooks overlap the device's work: under a slow device's arithmetic they cost nothing.
+    slow = replace(speed, flops_per_s=1e6, fsdp=None)
+    hooked = replace(slow, fsdp=devices.FSDPCost(unit_s=1e-3, param_s=0.0, dtensor_op_s=0.0))
+    on_accelerator = [estimate.step_time(trace, layout, p.share, sp, host_is_device=False).compute for sp in (slow, hooked)]
+    assert on_accelerator[1] == pytest.approx(on_accelerator[0])
+    on_cpu = [estimate.step_time(trace, layout, p.share, sp, host_is_device=True).compute for sp in (slow, hooked)]
+    assert on_cpu[1] - on_cpu[0] == pytest.approx(units * 1e-3)
 
 
 def test_fsdp_hooks_are_timed_in_a_one_rank_group_that_is_then_gone() -> None:
