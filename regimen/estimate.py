@@ -556,7 +556,7 @@ def fsdp_copy_bytes(st: StateCount, n: int, micro_batches: int, fsdp_bf16: bool)
     gathered = st.per_unit(lambda p: 2 if fsdp_bf16 else p.element_size)
     reduced = st.per_unit(lambda p: 4 if fsdp_bf16 else p.grad_element_size)
     gathers = sum(micro_batches * (1 if u < 0 else 2) * b for u, b in gathered.items())
-    return 2 * (gathers * (1 + 1 / n) + sum(reduced.values()) * (1 + 1 / n))
+    return 2 * (1 + 1 / n) * (gathers + sum(reduced.values()))
 
 
 def fsdp_hook_seconds(st: StateCount, speed: Speed) -> float:
