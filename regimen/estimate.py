@@ -518,6 +518,18 @@ def ddp_communication(grad_bytes: int, n: int, speed: Speed) -> float:
     return sum(timed.seconds(b) for b in ddp_buckets(grad_bytes))
 
 
+def _fsdp_units(st: StateCount, micro_batches: int, fsdp_bf16: bool) -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
+    """Per FSDP2 unit: the bytes it gathers, how often a step gathers them, the gradient bytes it reduces.
+
+    A block is gathered for its forward and again for its backward in every micro-batch, the root
+    once per micro-batch (it stays gathered until its backward); gradients are reduced once a
+    step, in float32 under `fsdp_bf16`.
+    """
+    gathered = st.per_unit(lambda p: 2 if fsdp_bf16 else p.element_size)
+    reduced = st.per_unit(lambda p: 4 if fsdp_bf16 else p.grad_element_size)
+    return gathered, {u: micro_batches * (1 if u < 0 else 2) for u in gathered}, reduced
+
+
 def fsdp_communication(st: StateCount, n: int, micro_batches: int, speed: Speed, fsdp_bf16: bool) -> float:
     """Seconds of FSDP2's collectives of a step.
 
@@ -528,9 +540,7 @@ def fsdp_communication(st: StateCount, n: int, micro_batches: int, speed: Speed,
     Timed collectives (`Speed.collectives`) pay their latency per call; otherwise the bytes
     move at the link's bandwidth.
     """
-    gathered = st.per_unit(lambda p: 2 if fsdp_bf16 else p.element_size)
-    reduced = st.per_unit(lambda p: 4 if fsdp_bf16 else p.grad_element_size)  # bf16: reduced in float32
-    gathers = {u: micro_batches * (1 if u < 0 else 2) for u in gathered}
+    gathered, gathers, reduced = _fsdp_units(st, micro_batches, fsdp_bf16)
     # A whole-matrix update gathers its momentum (shaped and typed as the parameter) once per step.
     whole = [p.nbytes for p in st.params if p.whole_update]
     all_gather, reduce_scatter = speed.collectives.get("all_gather"), speed.collectives.get("reduce_scatter")
@@ -553,10 +563,8 @@ def fsdp_copy_bytes(st: StateCount, n: int, micro_batches: int, fsdp_bf16: bool)
     are copied into the reduce-scatter's input and the reduced shard into the sharded gradient.
     A copy reads and writes its bytes.
     """
-    gathered = st.per_unit(lambda p: 2 if fsdp_bf16 else p.element_size)
-    reduced = st.per_unit(lambda p: 4 if fsdp_bf16 else p.grad_element_size)
-    gathers = sum(micro_batches * (1 if u < 0 else 2) * b for u, b in gathered.items())
-    return 2 * (1 + 1 / n) * (gathers + sum(reduced.values()))
+    gathered, gathers, reduced = _fsdp_units(st, micro_batches, fsdp_bf16)
+    return 2 * (1 + 1 / n) * (sum(gathers[u] * b for u, b in gathered.items()) + sum(reduced.values()))
 
 
 def fsdp_hook_seconds(st: StateCount, speed: Speed) -> float:
@@ -564,7 +572,7 @@ def fsdp_hook_seconds(st: StateCount, speed: Speed) -> float:
     (`regimen.devices.fsdp_overhead`; 0 where unmeasured)."""
     if speed.fsdp is None:
         return 0.0
-    units = len(st.per_unit(lambda p: 1) | {-1: 0})  # the root is a unit even when it holds no parameter
+    units = len({p.unit for p in st.params} | {-1})  # the root is a unit even when it holds no parameter
     return speed.fsdp.micro_batch_seconds(units, len(st.params))
 
 

@@ -227,6 +227,9 @@ class Planner:
             modes.append("fsdp")
         return [(mode, pol, off) for mode in modes for pol in policies for off in ([False, True] if mode == "fsdp" else [False])]
 
+    def _offers_fsdp(self) -> bool:
+        return any(mode == "fsdp" for mode, _, _ in self.layouts())
+
     def runtime(self) -> estimate.Runtime:
         if self.calibrated.get("runtime") is not None:
             return self.calibrated["runtime"]
@@ -312,7 +315,7 @@ class Planner:
                     self.trace(pol)
                 self.trace(self.given_layout().checkpointing)
             self._speed = self._measure_speed()
-            if any(mode == "fsdp" for mode, _, _ in self.layouts()):
+            if self._offers_fsdp():
                 # FSDP2's hooks run on this host whatever the device; timed with a rank's threads.
                 with devices.torch_threads(self.threads()):
                     self._speed.fsdp = devices.fsdp_overhead()
@@ -373,7 +376,7 @@ class Planner:
                 f"; FSDP2's own work: its copies at the memory bandwidth, hooks {f.unit_s * 1e3:.2f} ms a unit + "
                 f"{f.param_s * 1e6:.0f} us a parameter a micro-batch, {f.dtensor_op_s * 1e6:.1f} us more an update op (DTensor), timed here"
             )
-        elif any(mode == "fsdp" for mode, _, _ in self.layouts()):
+        elif self._offers_fsdp():
             how += "; FSDP2's hooks unmeasured (no one-rank gloo group could be made in this process): its copies alone priced"
         rt = self.runtime()
         notes = [
